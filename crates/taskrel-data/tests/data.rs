@@ -1,0 +1,426 @@
+//! Specification of the data crate: real datasets load with their canonical counts, corrupt
+//! files fail with an error naming the file and the place, and sampling is deterministic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use taskrel_data::{DatasetName, Error, Inputs, csv_text, load};
+
+fn data_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
+    root
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+fn idx_images(n: u32, rows: u32, cols: u32, payload: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for w in [2051u32, n, rows, cols] {
+        out.extend_from_slice(&w.to_be_bytes());
+    }
+    out.extend((0..payload).map(|i| (i % 256) as u8));
+    out
+}
+
+fn idx_labels(labels: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&2049u32.to_be_bytes());
+    out.extend_from_slice(&(labels.len() as u32).to_be_bytes());
+    out.extend_from_slice(labels);
+    out
+}
+
+/// The message of a load error, checked to be one line naming `file`.
+fn error_of(name: DatasetName, dir: &Path, file: &str) -> String {
+    let err = load(name, dir).expect_err("corrupt input must fail");
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "one-line error expected: {msg}");
+    assert!(msg.contains(file), "error should name {file}: {msg}");
+    msg
+}
+
+#[test]
+fn mnist_has_canonical_counts() {
+    let splits = load(DatasetName::Mnist, &data_root().join("mnist")).unwrap();
+    let train = splits.train.as_ref().unwrap();
+    let test = splits.test.as_ref().unwrap();
+    assert_eq!((train.len(), test.len()), (60_000, 10_000));
+    assert_eq!(
+        train.class_counts(),
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    );
+    let images = train.images().unwrap();
+    assert_eq!((images.channels, images.height, images.width), (1, 28, 28));
+    // The first training digit is a 5 (the well-known first MNIST sample).
+    assert_eq!(train.labels[0], 5);
+}
+
+#[test]
+fn fashion_mnist_is_balanced() {
+    let splits = load(
+        DatasetName::FashionMnist,
+        &data_root().join("fashion_mnist"),
+    )
+    .unwrap();
+    assert_eq!(
+        splits.train.as_ref().unwrap().class_counts(),
+        vec![6000; 10]
+    );
+    assert_eq!(splits.test.as_ref().unwrap().class_counts(), vec![1000; 10]);
+    assert_eq!(splits.classes()[9], "Ankle boot");
+}
+
+#[test]
+fn usps_has_canonical_counts_and_mnist_pixel_convention() {
+    let splits = load(DatasetName::Usps, &data_root().join("usps")).unwrap();
+    let train = splits.train.as_ref().unwrap();
+    assert_eq!(
+        (train.len(), splits.test.as_ref().unwrap().len()),
+        (7291, 2007)
+    );
+    assert_eq!(
+        train.class_counts(),
+        [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
+    );
+    let images = train.images().unwrap();
+    assert_eq!((images.height, images.width), (16, 16));
+    // Background is -1 in the file and must become 0 as in MNIST; the first row of the
+    // first image starts with seven -1.0 values, then -0.631 -> round(0.1845 * 255) = 47
+    // and 0.862 -> round(0.931 * 255) = 237.
+    assert_eq!(&images.image(0)[..9], &[0, 0, 0, 0, 0, 0, 0, 47, 237]);
+    let mean =
+        images.pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / images.pixels.len() as f64;
+    assert!(mean < 80.0, "mostly background expected, mean pixel {mean}");
+}
+
+#[test]
+fn ag_news_and_dbpedia_have_canonical_counts() {
+    let ag = load(DatasetName::AgNews, &data_root().join("ag_news")).unwrap();
+    assert!(ag.train.is_none());
+    assert_eq!(ag.test.as_ref().unwrap().class_counts(), vec![1900; 4]);
+    assert_eq!(ag.classes(), ["World", "Sports", "Business", "Sci/Tech"]);
+    let first = &ag.test.as_ref().unwrap().texts().unwrap()[0];
+    assert!(
+        first.starts_with("Fears for T N pension after talks Unions representing"),
+        "{first}"
+    );
+
+    let db = load(DatasetName::Dbpedia, &data_root().join("dbpedia")).unwrap();
+    let (train, test) = (db.train.as_ref().unwrap(), db.test.as_ref().unwrap());
+    assert_eq!(
+        (train.len(), test.len(), db.classes().len()),
+        (5000, 5000, 14)
+    );
+    // Empty titles: the text is the body alone, without the leading space of the file.
+    assert!(train.texts().unwrap()[0].starts_with("Mfumu'eto is a magazine"));
+}
+
+#[test]
+fn text_normalisation_decodes_entity_remnants_and_line_breaks() {
+    assert_eq!(
+        csv_text::normalize("Eriksson doesn #39;t feel"),
+        "Eriksson doesn't feel"
+    );
+    assert_eq!(
+        csv_text::normalize("In  quot;helping quot; them"),
+        "In \"helping\" them"
+    );
+    assert_eq!(
+        csv_text::normalize("the  #36;10 million"),
+        "the $10 million"
+    );
+    assert_eq!(
+        csv_text::normalize("Johnson  amp; Johnson"),
+        "Johnson & Johnson"
+    );
+    assert_eq!(
+        csv_text::normalize("A second\\team of\\network"),
+        "A second team of network"
+    );
+    assert_eq!(csv_text::normalize("a  #151; b"), "a \u{2014} b");
+    // Words that merely end in a semicolon are untouched.
+    assert_eq!(
+        csv_text::normalize("the forecast; rain"),
+        "the forecast; rain"
+    );
+    assert_eq!(csv_text::join_title_body("", " body  text "), "body text");
+    assert_eq!(csv_text::join_title_body("Title", "body"), "Title body");
+}
+
+#[test]
+fn idx_plain_and_dotted_names_load_and_match() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "train-images.idx3-ubyte",
+        &idx_images(3, 2, 2, 12),
+    );
+    write(
+        dir.path(),
+        "train-labels.idx1-ubyte",
+        &idx_labels(&[1, 2, 3]),
+    );
+    write(
+        dir.path(),
+        "t10k-images-idx3-ubyte.gz",
+        &gzip(&idx_images(1, 2, 2, 4)),
+    );
+    write(
+        dir.path(),
+        "t10k-labels-idx1-ubyte.gz",
+        &gzip(&idx_labels(&[9])),
+    );
+    let splits = load(DatasetName::Mnist, dir.path()).unwrap();
+    let train = splits.train.unwrap();
+    assert_eq!(train.labels, [1, 2, 3]);
+    assert_eq!(train.images().unwrap().image(2), &[8, 9, 10, 11]);
+    assert_eq!(splits.test.unwrap().labels, [9]);
+}
+
+#[test]
+fn corrupt_idx_files_fail_with_file_and_place() {
+    let cases: [(&str, Vec<u8>, Vec<u8>, &str); 5] = [
+        (
+            "truncated",
+            idx_images(3, 2, 2, 10),
+            idx_labels(&[1, 2, 3]),
+            "byte 26: file truncated",
+        ),
+        (
+            "wrong magic",
+            idx_labels(&[1, 2]),
+            idx_labels(&[1, 2]),
+            "expected magic number 2051",
+        ),
+        (
+            "count mismatch",
+            idx_images(2, 2, 2, 8),
+            idx_labels(&[1, 2, 3]),
+            "3 labels but",
+        ),
+        ("empty", Vec::new(), idx_labels(&[1]), "empty file"),
+        (
+            "bad label",
+            idx_images(1, 2, 2, 4),
+            idx_labels(&[10]),
+            "label 10 out of range",
+        ),
+    ];
+    for (what, images, labels, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "train-images-idx3-ubyte", &images);
+        write(dir.path(), "train-labels-idx1-ubyte", &labels);
+        let msg = error_of(DatasetName::Mnist, dir.path(), "idx");
+        assert!(msg.contains(expected), "{what}: {msg}");
+    }
+}
+
+#[test]
+fn missing_files_name_the_folder_and_how_to_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = error_of(DatasetName::Usps, dir.path(), "zip.train.gz");
+    assert!(msg.contains("fetch-data.sh"), "{msg}");
+    let msg = error_of(DatasetName::Mnist, &dir.path().join("nope"), "nope");
+    assert!(msg.contains("file not found"), "{msg}");
+    // One IDX file without its partner is an error, not a silently missing split.
+    write(
+        dir.path(),
+        "train-images-idx3-ubyte",
+        &idx_images(1, 2, 2, 4),
+    );
+    let msg = error_of(DatasetName::Mnist, dir.path(), "train-labels-idx1-ubyte");
+    assert!(msg.contains("file not found"), "{msg}");
+}
+
+#[test]
+fn usps_rows_are_validated() {
+    let row = |label: &str, n: usize, v: &str| format!("{label} {}\n", vec![v; n].join(" "));
+    let cases = [
+        (
+            row("3.0000", 256, "-1") + &row("4.0000", 255, "-1"),
+            "line 2: expected 257 values (label + 256 pixels), got 256",
+        ),
+        (
+            row("3.0000", 256, "-1") + &row("12.0000", 256, "-1"),
+            "line 2: expected a digit label 0-9",
+        ),
+        (
+            row("3.0000", 256, "1.7"),
+            "line 1: pixel value 1.7 outside [-1, 1]",
+        ),
+        (
+            row("3.0000", 256, "x"),
+            "line 1: expected a number, found \"x\"",
+        ),
+        (String::new(), "empty file"),
+    ];
+    for (text, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "zip.train.gz", &gzip(text.as_bytes()));
+        let msg = error_of(DatasetName::Usps, dir.path(), "zip.train.gz");
+        assert!(msg.contains(expected), "{msg}");
+    }
+}
+
+#[test]
+fn usps_libsvm_format_matches_esl() {
+    // Digit 0 is label 1 in LIBSVM; omitted entries are 0.0, which maps to 128.
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    enc.write_all(b"1 1:-1 2:1 256:-0.5\n10 3:0.5\n").unwrap();
+    write(dir.path(), "usps.bz2", &enc.finish().unwrap());
+    let splits = load(DatasetName::Usps, dir.path()).unwrap();
+    let train = splits.train.unwrap();
+    assert_eq!(train.labels, [0, 9]);
+    let images = train.images().unwrap();
+    assert_eq!(&images.image(0)[..3], &[0, 255, 128]);
+    assert_eq!(images.image(0)[255], 64); // round(0.25 * 255) = 63.75 -> 64
+    assert_eq!(images.image(1)[2], 191); // round(0.75 * 255) = 191.25 -> 191
+
+    write(dir.path(), "usps.bz2", b"");
+    write(dir.path(), "usps", b"11 1:0.5\n");
+    let msg = error_of(DatasetName::Usps, dir.path(), "usps.bz2");
+    assert!(msg.contains("empty file"), "{msg}");
+    std::fs::remove_file(dir.path().join("usps.bz2")).unwrap();
+    let msg = error_of(DatasetName::Usps, dir.path(), "usps");
+    assert!(
+        msg.contains("line 1: expected a label 1-10, found \"11\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn csv_records_are_validated() {
+    let cases = [
+        (
+            "\"1\",\"t\",\"b\"\n\"5\",\"t\",\"b\"\n",
+            "line 2: expected a class index 1-4 (classes.txt), found \"5\"",
+        ),
+        (
+            "\"1\",\"t\",\"b\"\n\"2\",\"t\"\n",
+            "line 2: expected 3 fields (class, title, text), found 2",
+        ),
+        ("\"x\",\"t\",\"b\"\n", "line 1: expected a class index 1-4"),
+        ("", "empty file"),
+    ];
+    for (text, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "classes.txt",
+            b"World\nSports\nBusiness\nSci/Tech\n",
+        );
+        write(dir.path(), "test.csv", text.as_bytes());
+        let msg = error_of(DatasetName::AgNews, dir.path(), "test.csv");
+        assert!(msg.contains(expected), "{msg}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "test.csv", b"\"1\",\"t\",\"b\"\n");
+    let msg = error_of(DatasetName::AgNews, dir.path(), "classes.txt");
+    assert!(msg.contains("file not found"), "{msg}");
+}
+
+#[test]
+fn csv_quotes_escapes_and_multiline_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "classes.txt", b"A\nB\n");
+    write(
+        dir.path(),
+        "train.csv",
+        b"2,\"He said \"\"hi\"\"\",\"two\nlines\"\n1,,\" only body\"\n",
+    );
+    let train = load(DatasetName::AgNews, dir.path())
+        .unwrap()
+        .train
+        .unwrap();
+    assert_eq!(train.labels, [1, 0]);
+    assert_eq!(
+        train.texts().unwrap(),
+        ["He said \"hi\" two lines", "only body"]
+    );
+}
+
+fn toy(labels: &[u32]) -> taskrel_data::Dataset {
+    taskrel_data::Dataset {
+        inputs: Inputs::Texts(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, y)| format!("{i}:{y}"))
+                .collect(),
+        ),
+        labels: labels.to_vec(),
+        classes: vec!["a".into(), "b".into(), "c".into()],
+    }
+}
+
+#[test]
+fn class_subsets_relabel_in_the_order_given() {
+    let d = toy(&[0, 1, 2, 2, 1, 0]);
+    let s = d.subset_classes(&[2, 0]).unwrap();
+    assert_eq!(s.labels, [1, 0, 0, 1]);
+    assert_eq!(s.classes, ["c", "a"]);
+    assert_eq!(s.texts().unwrap(), ["0:0", "2:2", "3:2", "5:0"]);
+    assert!(
+        matches!(d.subset_classes(&[3]), Err(Error::Invalid(m)) if m.contains("class 3 does not exist"))
+    );
+    assert!(d.subset_classes(&[1, 1]).is_err());
+}
+
+#[test]
+fn per_class_sampling_is_stratified_and_seeded() {
+    let labels: Vec<u32> = (0..300).map(|i| (i % 3) as u32).collect();
+    let d = toy(&labels);
+    let a = d.sample_per_class(7, 42).unwrap();
+    assert_eq!(a, d.sample_per_class(7, 42).unwrap());
+    assert_ne!(a, d.sample_per_class(7, 43).unwrap());
+    assert_eq!(d.select(&a).unwrap().class_counts(), [7, 7, 7]);
+    let msg = d.sample_per_class(101, 0).unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        "class 0 (a) has 100 samples, 101 per class were asked for"
+    );
+}
+
+#[test]
+fn seeded_split_is_stratified_disjoint_and_reproducible() {
+    let ag = load(DatasetName::AgNews, &data_root().join("ag_news")).unwrap();
+    let test = ag.test.unwrap();
+    let (train_a, test_a) = test.split(0.25, 7).unwrap();
+    let (train_b, test_b) = test.split(0.25, 7).unwrap();
+    assert_eq!(train_a, train_b);
+    assert_eq!(test_a, test_b);
+    assert_eq!(test_a.class_counts(), vec![475; 4]);
+    assert_eq!(train_a.class_counts(), vec![1425; 4]);
+    let mut all: Vec<&String> = train_a
+        .texts()
+        .unwrap()
+        .iter()
+        .chain(test_a.texts().unwrap())
+        .collect();
+    all.sort();
+    let mut original: Vec<&String> = test.texts().unwrap().iter().collect();
+    original.sort();
+    assert_eq!(all, original);
+    let shuffled = test.shuffled(1).unwrap();
+    assert_eq!(shuffled.class_counts(), test.class_counts());
+    assert_ne!(shuffled.labels, test.labels);
+    assert!(test.split(1.0, 0).is_err());
+}

@@ -1,0 +1,102 @@
+//! The `taskrel` command as a user runs it: real data summaries and clean failures.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn taskrel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn data_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
+    root
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = taskrel(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn data_json_reports_canonical_counts() {
+    let root = data_root();
+    let usps = json(&[
+        "data",
+        "usps",
+        "--root",
+        root.join("usps").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(usps["splits"]["train"]["n"], 7291);
+    assert_eq!(usps["splits"]["test"]["n"], 2007);
+    assert_eq!(
+        usps["splits"]["train"]["class_counts"],
+        serde_json::json!([1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644])
+    );
+    let ag = json(&[
+        "data",
+        "ag_news",
+        "--root",
+        root.join("ag_news").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        ag["classes"],
+        serde_json::json!(["World", "Sports", "Business", "Sci/Tech"])
+    );
+    assert_eq!(
+        ag["splits"]["test"]["class_counts"],
+        serde_json::json!([1900, 1900, 1900, 1900])
+    );
+    assert!(ag["splits"].get("train").is_none());
+}
+
+#[test]
+fn corrupt_or_missing_data_exits_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("classes.txt"), "A\nB\n").unwrap();
+    std::fs::write(
+        dir.path().join("test.csv"),
+        "\"1\",\"t\",\"b\"\n\"3\",\"t\",\"b\"\n",
+    )
+    .unwrap();
+    let out = taskrel(&["data", "dbpedia", "--root", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("test.csv: line 2: expected a class index 1-2"),
+        "{stderr}"
+    );
+
+    let out = taskrel(&[
+        "data",
+        "mnist",
+        "--root",
+        dir.path().join("absent").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fetch-data.sh"));
+
+    let out = taskrel(&["data", "cifar"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("expected one of: mnist, fashion_mnist, usps")
+    );
+}

