@@ -6,8 +6,9 @@
 //!   1-based sparse indices, omitted entries meaning 0.0.
 //!
 //! Pixels are converted to the MNIST convention (u8, 0 = background, 255 = ink) by
-//! `u8 = round((x + 1) / 2 * 255)`, so -1 -> 0, 0 -> 128, 1 -> 255. Both files use -1 for
-//! background, so the conversion keeps USPS and MNIST digits bright-on-dark alike.
+//! `u8 = floor((x + 1) / 2 * 255)`, so -1 -> 0, 0 -> 127, 1 -> 255. This is torchvision's
+//! `USPS` conversion (`astype(np.uint8)` truncates), which the pretrained USPS CNN was trained
+//! on. Both files use -1 for background, so USPS and MNIST digits are both bright-on-dark.
 
 use std::path::Path;
 
@@ -88,7 +89,7 @@ fn to_u8(path: &Path, place: &str, x: f32) -> Result<u8> {
             format!("pixel value {x} outside [-1, 1]"),
         ));
     }
-    Ok(((x.clamp(-1.0, 1.0) + 1.0) * 0.5 * 255.0).round() as u8)
+    Ok(((f64::from(x.clamp(-1.0, 1.0)) + 1.0) / 2.0 * 255.0) as u8)
 }
 
 fn parse_f32(path: &Path, place: &str, token: &str) -> Result<f32> {

@@ -102,8 +102,8 @@ fn usps_has_canonical_counts_and_mnist_pixel_convention() {
     let images = train.images().unwrap();
     assert_eq!((images.height, images.width), (16, 16));
     // Background is -1 in the file and must become 0 as in MNIST; the first row of the
-    // first image starts with seven -1.0 values, then -0.631 -> round(0.1845 * 255) = 47
-    // and 0.862 -> round(0.931 * 255) = 237.
+    // first image starts with seven -1.0 values, then -0.631 -> floor(0.1845 * 255) = 47
+    // and 0.862 -> floor(0.931 * 255) = 237 (torchvision's truncating conversion).
     assert_eq!(&images.image(0)[..9], &[0, 0, 0, 0, 0, 0, 0, 47, 237]);
     let mean =
         images.pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / images.pixels.len() as f64;
@@ -281,7 +281,7 @@ fn usps_rows_are_validated() {
 
 #[test]
 fn usps_libsvm_format_matches_esl() {
-    // Digit 0 is label 1 in LIBSVM; omitted entries are 0.0, which maps to 128.
+    // Digit 0 is label 1 in LIBSVM; omitted entries are 0.0, which maps to floor(127.5) = 127.
     let dir = tempfile::tempdir().unwrap();
     let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
     enc.write_all(b"1 1:-1 2:1 256:-0.5\n10 3:0.5\n").unwrap();
@@ -290,9 +290,9 @@ fn usps_libsvm_format_matches_esl() {
     let train = splits.train.unwrap();
     assert_eq!(train.labels, [0, 9]);
     let images = train.images().unwrap();
-    assert_eq!(&images.image(0)[..3], &[0, 255, 128]);
-    assert_eq!(images.image(0)[255], 64); // round(0.25 * 255) = 63.75 -> 64
-    assert_eq!(images.image(1)[2], 191); // round(0.75 * 255) = 191.25 -> 191
+    assert_eq!(&images.image(0)[..3], &[0, 255, 127]);
+    assert_eq!(images.image(0)[255], 63); // floor(0.25 * 255) = floor(63.75)
+    assert_eq!(images.image(1)[2], 191); // floor(0.75 * 255) = floor(191.25)
 
     write(dir.path(), "usps.bz2", b"");
     write(dir.path(), "usps", b"11 1:0.5\n");
