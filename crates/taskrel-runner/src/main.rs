@@ -2,6 +2,7 @@
 //! fine-tuning. This binary parses arguments once, runs one subcommand, and exits in one place.
 
 mod data_cmd;
+mod model_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,77 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model from scratch (all weights re-drawn from --seed) and evaluate on the test split.
+    Train {
+        /// Architecture or model to re-initialise (lenet200, or any model reference).
+        #[arg(long, default_value = "lenet200")]
+        model: String,
+        #[command(flatten)]
+        data: model_cmd::DataArgs,
+        #[command(flatten)]
+        hp: model_cmd::TrainArgs,
+        #[command(flatten)]
+        run: model_cmd::RunArgs,
+        /// Checkpoint folder to write (model.safetensors + taskrel.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Fine-tune a model with a new head (linear probe or end to end) and evaluate on the test split.
+    Finetune {
+        /// Model reference: a .pth file, a checkpoint or model folder, hf:org/name.
+        #[arg(long)]
+        model: String,
+        /// linear_probe or full.
+        #[arg(long, default_value = "linear_probe", value_parser = model_cmd::parse_mode)]
+        mode: taskrel_models::train::Mode,
+        #[command(flatten)]
+        data: model_cmd::DataArgs,
+        #[command(flatten)]
+        hp: model_cmd::TrainArgs,
+        #[command(flatten)]
+        run: model_cmd::RunArgs,
+        /// Checkpoint folder to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Accuracy and loss of a model with its own head on a dataset split.
+    Eval {
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        data: model_cmd::DataArgs,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[command(flatten)]
+        run: model_cmd::RunArgs,
+    },
+    /// Write (n, d) features and labels of a dataset split to a safetensors file.
+    Features {
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        data: model_cmd::DataArgs,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Samples per class (seeded, stratified); all samples when absent.
+        #[arg(long)]
+        per_class: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        run: model_cmd::RunArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The pooled embedding of one text.
+    Embed {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        text: String,
+        #[command(flatten)]
+        run: model_cmd::RunArgs,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,6 +108,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let root = root.unwrap_or_else(|| PathBuf::from("data").join(name.as_str()));
             data_cmd::run(name, &root, json)
         }
+        Command::Train {
+            model,
+            data,
+            hp,
+            run,
+            out,
+        } => model_cmd::train_or_finetune(&model, None, &data, &hp, &run, out.as_deref()),
+        Command::Finetune {
+            model,
+            mode,
+            data,
+            hp,
+            run,
+            out,
+        } => model_cmd::train_or_finetune(&model, Some(mode), &data, &hp, &run, out.as_deref()),
+        Command::Eval {
+            model,
+            data,
+            split,
+            run,
+        } => model_cmd::eval(&model, &data, &split, &run),
+        Command::Features {
+            model,
+            data,
+            split,
+            per_class,
+            seed,
+            run,
+            out,
+        } => model_cmd::features(&model, &data, &split, per_class, seed, &run, &out),
+        Command::Embed { model, text, run } => model_cmd::embed(&model, &text, &run),
     }
 }
 

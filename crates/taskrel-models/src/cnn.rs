@@ -1,0 +1,272 @@
+//! Image encoders: `lenet200` and the three pretrained ccexam digit CNNs, as sequences of
+//! layers whose weight names follow the PyTorch modules they come from (so `.pth` files load
+//! by name).
+//!
+//! Features are the penultimate layer (after its ReLU); the head is the last linear layer.
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use rand_chacha::ChaCha8Rng;
+use taskrel_data::{Dataset, Modality};
+
+use crate::error::{Error, Result};
+use crate::model::{Encoder, dropout};
+use crate::preprocess::ImagePlan;
+use crate::spec::{Arch, ImageInput, ModelSpec};
+
+#[derive(Debug)]
+enum Layer {
+    Conv(Conv2d),
+    Norm(BatchNorm),
+    Relu,
+    MaxPool2,
+    Dropout(f32),
+    Flatten,
+    Dense(Linear),
+}
+
+/// A CNN encoder: a sequence of layers from image tensor to `(n, feature_dim)` features.
+#[derive(Debug)]
+pub struct Cnn {
+    arch: Arch,
+    input: ImageInput,
+    layers: Vec<Layer>,
+}
+
+/// The fixed properties of an image architecture.
+pub(crate) struct ImageArch {
+    pub input: ImageInput,
+    pub feature_dim: usize,
+    /// Variable prefix of the classification head.
+    pub head: &'static str,
+}
+
+pub(crate) fn image_arch(arch: Arch) -> Option<ImageArch> {
+    let grey = |size, mean, std| ImageInput {
+        channels: 1,
+        height: size,
+        width: size,
+        mean: vec![mean],
+        std: vec![std],
+    };
+    Some(match arch {
+        Arch::Lenet200 => ImageArch {
+            input: grey(28, 0.5, 0.5),
+            feature_dim: 200,
+            head: "head",
+        },
+        Arch::CcexamMnist => ImageArch {
+            input: grey(28, 0.1307, 0.3081),
+            feature_dim: 128,
+            head: "classifier.2",
+        },
+        Arch::CcexamUsps => ImageArch {
+            input: grey(16, 0.2471, 0.2994),
+            feature_dim: 128,
+            head: "classifier.4",
+        },
+        Arch::CcexamSvhn => ImageArch {
+            input: ImageInput {
+                channels: 3,
+                height: 32,
+                width: 32,
+                mean: vec![0.4377, 0.4438, 0.4728],
+                std: vec![0.1980, 0.2010, 0.1970],
+            },
+            feature_dim: 256,
+            head: "classifier.4",
+        },
+        Arch::Bert => return None,
+    })
+}
+
+fn conv(cin: usize, cout: usize, k: usize, padding: usize, vb: VarBuilder) -> Result<Layer> {
+    let cfg = Conv2dConfig {
+        padding,
+        ..Default::default()
+    };
+    Ok(Layer::Conv(candle_nn::conv2d(cin, cout, k, cfg, vb)?))
+}
+
+fn norm(c: usize, vb: VarBuilder) -> Result<Layer> {
+    // PyTorch's BatchNorm2d defaults, which the ccexam weights were trained with.
+    let cfg = BatchNormConfig {
+        eps: 1e-5,
+        remove_mean: true,
+        affine: true,
+        momentum: 0.1,
+    };
+    Ok(Layer::Norm(candle_nn::batch_norm(c, cfg, vb)?))
+}
+
+fn dense(cin: usize, cout: usize, vb: VarBuilder) -> Result<Layer> {
+    Ok(Layer::Dense(candle_nn::linear(cin, cout, vb)?))
+}
+
+impl Cnn {
+    /// Builds the encoder of `arch` with variables from `vb` (created or looked up by name).
+    pub fn new(arch: Arch, vb: VarBuilder) -> Result<Self> {
+        let input = image_arch(arch)
+            .ok_or_else(|| {
+                Error::Invalid(format!("{} is not an image architecture", arch.as_str()))
+            })?
+            .input;
+        use Layer::{Dropout, Flatten, MaxPool2, Relu};
+        let f = vb.pp("features");
+        let c = vb.pp("classifier");
+        let layers = match arch {
+            Arch::Lenet200 => vec![
+                conv(1, 20, 5, 0, vb.pp("conv1"))?,
+                Relu,
+                MaxPool2,
+                conv(20, 50, 5, 0, vb.pp("conv2"))?,
+                Relu,
+                MaxPool2,
+                Dropout(0.5),
+                Flatten,
+                dense(50 * 4 * 4, 200, vb.pp("fc"))?,
+                Relu,
+                Dropout(0.5),
+            ],
+            Arch::CcexamMnist => vec![
+                conv(1, 32, 3, 1, f.pp(0))?,
+                Relu,
+                MaxPool2,
+                conv(32, 64, 3, 1, f.pp(3))?,
+                Relu,
+                MaxPool2,
+                Flatten,
+                dense(64 * 7 * 7, 128, c.pp(0))?,
+                Relu,
+            ],
+            Arch::CcexamUsps => vec![
+                conv(1, 32, 3, 1, f.pp(0))?,
+                norm(32, f.pp(1))?,
+                Relu,
+                MaxPool2,
+                conv(32, 64, 3, 1, f.pp(4))?,
+                norm(64, f.pp(5))?,
+                Relu,
+                MaxPool2,
+                Flatten,
+                Dropout(0.3),
+                dense(64 * 4 * 4, 128, c.pp(1))?,
+                Relu,
+                Dropout(0.3),
+            ],
+            Arch::CcexamSvhn => {
+                let mut layers = Vec::new();
+                for (b, (cin, cout)) in [(3, 32), (32, 64), (64, 128)].into_iter().enumerate() {
+                    let block = f.pp(b);
+                    layers.extend([
+                        conv(cin, cout, 3, 1, block.pp(0))?,
+                        norm(cout, block.pp(1))?,
+                        Relu,
+                    ]);
+                    layers.extend([
+                        conv(cout, cout, 3, 1, block.pp(3))?,
+                        norm(cout, block.pp(4))?,
+                        Relu,
+                        MaxPool2,
+                    ]);
+                }
+                layers.extend([
+                    Flatten,
+                    Dropout(0.3),
+                    dense(128 * 4 * 4, 256, c.pp(1))?,
+                    Relu,
+                    Dropout(0.3),
+                ]);
+                layers
+            }
+            Arch::Bert => unreachable!("rejected by image_arch above"),
+        };
+        Ok(Self {
+            arch,
+            input,
+            layers,
+        })
+    }
+
+    /// Runs the layers on a preprocessed batch `(n, c, h, w)`; `train` holds the dropout RNG
+    /// and switches BatchNorm to batch statistics.
+    pub fn forward(&self, x: &Tensor, mut train: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = match layer {
+                Layer::Conv(c) => c.forward(&x)?,
+                Layer::Norm(n) => n.forward_t(&x, train.is_some())?,
+                Layer::Relu => x.relu()?,
+                Layer::MaxPool2 => x.max_pool2d(2)?,
+                Layer::Dropout(p) => match train.as_deref_mut() {
+                    Some(rng) => dropout(&x, *p, rng)?,
+                    None => x,
+                },
+                Layer::Flatten => x.flatten_from(1)?,
+                Layer::Dense(l) => l.forward(&x)?,
+            };
+        }
+        Ok(x)
+    }
+}
+
+impl Encoder for Cnn {
+    fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    fn preprocessing(&self, data: &Dataset) -> Result<String> {
+        let images = image_input(data, self.arch)?;
+        Ok(ImagePlan::new(images, &self.input).describe())
+    }
+
+    fn features(
+        &self,
+        data: &Dataset,
+        indices: &[usize],
+        train: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let images = image_input(data, self.arch)?;
+        let device = self.device();
+        let x = ImagePlan::new(images, &self.input).batch(images, indices, &device)?;
+        self.forward(&x, train)
+    }
+}
+
+impl Cnn {
+    fn device(&self) -> candle_core::Device {
+        self.layers
+            .iter()
+            .find_map(|l| match l {
+                Layer::Conv(c) => Some(c.weight().device().clone()),
+                _ => None,
+            })
+            .unwrap_or(candle_core::Device::Cpu)
+    }
+}
+
+fn image_input(data: &Dataset, arch: Arch) -> Result<&taskrel_data::Images> {
+    data.images().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} is an image model and cannot read a {} dataset",
+            arch.as_str(),
+            Modality::Text.as_str()
+        ))
+    })
+}
+
+/// The spec of a CNN with the given classes and origin.
+pub(crate) fn spec(arch: Arch, classes: Vec<String>, origin: String) -> Result<ModelSpec> {
+    let a = image_arch(arch)
+        .ok_or_else(|| Error::Invalid(format!("{} is not an image architecture", arch.as_str())))?;
+    Ok(ModelSpec {
+        arch,
+        modality: Modality::Image,
+        image: Some(a.input),
+        text: None,
+        bert: None,
+        feature_dim: a.feature_dim,
+        classes,
+        origin,
+    })
+}

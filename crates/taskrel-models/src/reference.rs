@@ -1,0 +1,249 @@
+//! Model references as users write them, and loading them.
+//!
+//! | reference | what is loaded |
+//! |---|---|
+//! | `lenet200` | a freshly initialised `lenet200` (seeded), to be trained |
+//! | `path/to/file.pth` | a ccexam digit CNN from a PyTorch state dict; the architecture is recognised from the tensor names |
+//! | `path/to/folder` with `taskrel.json` | a taskrel checkpoint (any architecture) |
+//! | `path/to/folder` with `config.json` | a BERT-family encoder (no head) |
+//! | `hf:org/name` | the same, from the Hugging Face Hub cache (`$HF_HOME/hub`, or the folder given); never downloads |
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::cnn::{self, Cnn};
+use crate::error::{Error, Result};
+use crate::model::{Encoder, Model, SPEC_FILE, WEIGHTS_FILE};
+use crate::spec::{Arch, ModelSpec};
+use crate::text::{self, BertEncoder, TextFiles};
+
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A new `lenet200`.
+    Lenet200,
+    /// A local file or folder.
+    Path(PathBuf),
+    /// A Hugging Face Hub model id, resolved in the local cache only.
+    Hub(String),
+}
+
+impl FromStr for ModelRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "lenet200" => Self::Lenet200,
+            _ => match s.strip_prefix("hf:") {
+                Some(id) if id.contains('/') => Self::Hub(id.to_string()),
+                Some(id) => {
+                    return Err(Error::Invalid(format!(
+                        "hub reference hf:{id} must be hf:org/name"
+                    )));
+                }
+                None => Self::Path(PathBuf::from(s)),
+            },
+        })
+    }
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Lenet200 => f.write_str("lenet200"),
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Hub(id) => write!(f, "hf:{id}"),
+        }
+    }
+}
+
+/// Options for [`load`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Device for the weights.
+    pub device: Device,
+    /// Seed of any freshly initialised weights.
+    pub seed: u64,
+    /// Longest token sequence for text models.
+    pub max_len: usize,
+    /// Hugging Face Hub cache folder; `None` uses `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
+    pub hub_cache: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            seed: 0,
+            max_len: text::DEFAULT_MAX_LEN,
+            hub_cache: None,
+        }
+    }
+}
+
+fn digit_classes() -> Vec<String> {
+    (0..10).map(|d| d.to_string()).collect()
+}
+
+/// Loads the model a reference points to.
+pub fn load(reference: &ModelRef, options: &LoadOptions) -> Result<Model> {
+    match reference {
+        ModelRef::Lenet200 => {
+            let spec = cnn::spec(
+                Arch::Lenet200,
+                digit_classes(),
+                "lenet200 (random init)".into(),
+            )?;
+            let mut model = build(spec, options)?;
+            model.reinitialize(options.seed)?;
+            Ok(model)
+        }
+        ModelRef::Path(path) if path.is_dir() && path.join(SPEC_FILE).is_file() => {
+            load_checkpoint(path, options)
+        }
+        ModelRef::Path(path) if path.is_dir() => load_text(
+            &TextFiles::in_dir(path)?,
+            &path.display().to_string(),
+            options,
+        ),
+        ModelRef::Path(path) if path.extension().is_some_and(|e| e == "pth" || e == "pt") => {
+            load_pth(path, options)
+        }
+        ModelRef::Path(path) if !path.exists() => Err(Error::file(
+            path,
+            "model not found; run scripts/fetch-data.sh for the pretrained weights",
+        )),
+        ModelRef::Path(path) => Err(Error::file(
+            path,
+            "not a model: expected a .pth file, a taskrel checkpoint folder or a folder with config.json",
+        )),
+        ModelRef::Hub(id) => {
+            let cache = match &options.hub_cache {
+                Some(dir) => hf_hub::Cache::new(dir.clone()),
+                None => hf_hub::Cache::from_env(),
+            };
+            let repo = cache.repo(hf_hub::Repo::model(id.clone()));
+            let need = |name: &str| {
+                repo.get(name).ok_or_else(|| {
+                    Error::file(
+                        cache.path(),
+                        format!(
+                            "hf:{id}: {name} not in the Hugging Face cache; download the model on a connected \
+                             machine (huggingface-cli download {id}) or give a local folder"
+                        ),
+                    )
+                })
+            };
+            let files = TextFiles {
+                config: need("config.json")?,
+                tokenizer: need("tokenizer.json")?,
+                weights: need("model.safetensors")?,
+                modules: repo.get("modules.json"),
+                pooling: repo.get("1_Pooling/config.json"),
+            };
+            load_text(&files, &format!("hf:{id}"), options)
+        }
+    }
+}
+
+/// Builds a model of `spec` with initial (unloaded) weights.
+fn build(spec: ModelSpec, options: &LoadOptions) -> Result<Model> {
+    let arch = spec.arch;
+    match arch {
+        Arch::Bert => Err(Error::Invalid(
+            "text models are built from their files".into(),
+        )),
+        _ => {
+            let head = cnn::image_arch(arch).map_or("head", |a| a.head);
+            Model::build(spec, head, &options.device, |vb| {
+                Ok(Box::new(Cnn::new(arch, vb)?) as Box<dyn Encoder>)
+            })
+        }
+    }
+}
+
+fn build_text(
+    spec: ModelSpec,
+    tokenizer: &Path,
+    source: &Path,
+    options: &LoadOptions,
+) -> Result<Model> {
+    let config_value = spec
+        .bert
+        .clone()
+        .ok_or_else(|| Error::file(source, "text model spec without a BERT config"))?;
+    let config = text::bert_config(&config_value, source)?;
+    let input = spec
+        .text
+        .clone()
+        .ok_or_else(|| Error::file(source, "text model spec without text input"))?;
+    let tokenizer = tokenizer.to_path_buf();
+    Model::build(spec, "head", &options.device, move |vb| {
+        Ok(Box::new(BertEncoder::new(&config, &tokenizer, input, vb)?) as Box<dyn Encoder>)
+    })
+}
+
+fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<Model> {
+    let config = text::read_config(&files.config)?;
+    let parsed = text::bert_config(&config, &files.config)?;
+    let spec = ModelSpec {
+        arch: Arch::Bert,
+        modality: taskrel_data::Modality::Text,
+        image: None,
+        text: Some(text::text_input(files, options.max_len)?),
+        bert: Some(config),
+        feature_dim: parsed.hidden_size,
+        classes: Vec::new(),
+        origin: origin.to_string(),
+    };
+    let model = build_text(spec, &files.tokenizer, &files.config, options)?;
+    let tensors = candle_core::safetensors::load(&files.weights, &Device::Cpu)?;
+    model.assign(&files.weights, tensors.into_iter().collect(), |name| {
+        Some(name.strip_prefix("bert.").unwrap_or(name).to_string())
+    })?;
+    Ok(model)
+}
+
+fn load_pth(path: &Path, options: &LoadOptions) -> Result<Model> {
+    let tensors = candle_core::pickle::read_all(path)
+        .map_err(|e| Error::file(path, format!("not a PyTorch state dict: {e}")))?;
+    let has = |name: &str| tensors.iter().any(|(n, _)| n == name);
+    let arch = if has("features.0.0.weight") {
+        Arch::CcexamSvhn
+    } else if has("features.1.running_mean") {
+        Arch::CcexamUsps
+    } else if has("features.0.weight") && has("classifier.2.weight") {
+        Arch::CcexamMnist
+    } else {
+        let names: Vec<&str> = tensors.iter().take(6).map(|(n, _)| n.as_str()).collect();
+        return Err(Error::file(
+            path,
+            format!(
+                "unrecognised architecture (tensors {}); expected a ccexam MNIST, USPS or SVHN CNN",
+                names.join(", ")
+            ),
+        ));
+    };
+    let spec = cnn::spec(arch, digit_classes(), path.display().to_string())?;
+    let model = build(spec, options)?;
+    model.assign(path, tensors, |name| Some(name.to_string()))?;
+    Ok(model)
+}
+
+/// Loads a folder written by [`Model::save`].
+fn load_checkpoint(dir: &Path, options: &LoadOptions) -> Result<Model> {
+    let spec_path = dir.join(SPEC_FILE);
+    let text =
+        std::fs::read_to_string(&spec_path).map_err(|e| Error::file(&spec_path, e.to_string()))?;
+    let spec: ModelSpec = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&spec_path, format!("invalid model spec: {e}")))?;
+    let model = match spec.arch {
+        Arch::Bert => build_text(spec, &dir.join("tokenizer.json"), &spec_path, options)?,
+        _ => build(spec, options)?,
+    };
+    model.load_weights(&dir.join(WEIGHTS_FILE))?;
+    Ok(model)
+}

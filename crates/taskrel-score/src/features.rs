@@ -1,0 +1,171 @@
+//! Feature files: `(n, d)` f32 features, optional labels, and metadata, in one safetensors
+//! file (tensors `features` and `labels`; metadata keys `classes` (JSON list), `model`,
+//! `dataset`, `split`, `preprocessing`, `indices_sha256`, ...).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::{Error, Result};
+
+/// Features of `n` samples, with their labels when known.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureSet {
+    /// Row-major `(n, d)` values.
+    pub values: Vec<f32>,
+    /// Rows.
+    pub n: usize,
+    /// Columns.
+    pub d: usize,
+    /// Class per row, when labelled.
+    pub labels: Option<Vec<u32>>,
+    /// Class names (may be empty when unlabelled).
+    pub classes: Vec<String>,
+    /// Free-form provenance (model, dataset, split, preprocessing, ...).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl FeatureSet {
+    /// Checks shapes and labels once; later code trusts them.
+    pub fn new(
+        values: Vec<f32>,
+        n: usize,
+        d: usize,
+        labels: Option<Vec<u32>>,
+        classes: Vec<String>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        if values.len() != n * d {
+            return Err(Error::Invalid(format!(
+                "features: expected {n} x {d} = {} values, got {}",
+                n * d,
+                values.len()
+            )));
+        }
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "features: non-finite value at row {}, column {}",
+                bad / d.max(1),
+                bad % d.max(1)
+            )));
+        }
+        if let Some(labels) = &labels {
+            if labels.len() != n {
+                return Err(Error::Invalid(format!(
+                    "features: {n} rows but {} labels",
+                    labels.len()
+                )));
+            }
+            if let Some(&bad) = labels.iter().find(|&&y| y as usize >= classes.len()) {
+                return Err(Error::Invalid(format!(
+                    "features: label {bad} but only {} classes",
+                    classes.len()
+                )));
+            }
+        }
+        Ok(Self {
+            values,
+            n,
+            d,
+            labels,
+            classes,
+            metadata,
+        })
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.d..(i + 1) * self.d]
+    }
+
+    /// Writes the set to `path` (via a temporary file renamed into place).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |e: &dyn std::fmt::Display| Error::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let value_bytes: Vec<u8> = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut tensors = vec![(
+            "features".to_string(),
+            TensorView::new(Dtype::F32, vec![self.n, self.d], &value_bytes).map_err(|e| io(&e))?,
+        )];
+        let label_bytes: Vec<u8> = self
+            .labels
+            .iter()
+            .flatten()
+            .flat_map(|y| y.to_le_bytes())
+            .collect();
+        if self.labels.is_some() {
+            tensors.push((
+                "labels".to_string(),
+                TensorView::new(Dtype::U32, vec![self.n], &label_bytes).map_err(|e| io(&e))?,
+            ));
+        }
+        let mut metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        metadata.insert(
+            "classes".into(),
+            serde_json::to_string(&self.classes).map_err(|e| io(&e))?,
+        );
+        let tmp = path.with_extension("safetensors.tmp");
+        safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| io(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io(&e))
+    }
+
+    /// Reads a set written by [`FeatureSet::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let err = |message: String| Error::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let features = tensors.tensor("features").map_err(|_| {
+            err("no `features` tensor: expected a file written by `taskrel features`".into())
+        })?;
+        let (n, d) = match (features.dtype(), features.shape()) {
+            (Dtype::F32, [n, d]) => (*n, *d),
+            (dtype, shape) => {
+                return Err(err(format!(
+                    "`features` must be f32 (n, d), found {dtype:?} {shape:?}"
+                )));
+            }
+        };
+        let values = features
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let labels = match tensors.tensor("labels") {
+            Ok(t) if t.dtype() == Dtype::U32 && t.shape() == [n] => Some(
+                t.data()
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            Ok(t) => {
+                return Err(err(format!(
+                    "`labels` must be u32 ({n}), found {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Err(_) => None,
+        };
+        let mut metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let classes = match metadata.remove("classes") {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| err(format!("metadata `classes` is not a JSON list: {e}")))?,
+            None => Vec::new(),
+        };
+        Self::new(values, n, d, labels, classes, metadata).map_err(|e| err(e.to_string()))
+    }
+}
