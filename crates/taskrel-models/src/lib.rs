@@ -28,7 +28,7 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use model::{Encoder, Inputs, Model};
-pub use reference::{LoadOptions, ModelRef, load};
+pub use reference::{LoadOptions, ModelRef, load, random_bert};
 pub use spec::{Arch, ImageInput, ModelSpec, TextInput};
 
 /// Parses a device name: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (CUDA when this build

@@ -186,6 +186,30 @@ fn build_text(
     })
 }
 
+/// A BERT of the shape `config` describes with seeded random weights (N(0, 0.02)) and no
+/// head: the "untrained transformer" baseline of model zoos, and tiny models for tests.
+pub fn random_bert(
+    config: serde_json::Value,
+    tokenizer: &Path,
+    input: crate::spec::TextInput,
+    options: &LoadOptions,
+) -> Result<Model> {
+    let parsed = text::bert_config(&config, tokenizer)?;
+    let spec = ModelSpec {
+        arch: Arch::Bert,
+        modality: taskrel_data::Modality::Text,
+        image: None,
+        text: Some(input),
+        bert: Some(config),
+        feature_dim: parsed.hidden_size,
+        classes: Vec::new(),
+        origin: format!("random BERT (seed {})", options.seed),
+    };
+    let mut model = build_text(spec, tokenizer, tokenizer, options)?;
+    model.reinitialize(options.seed)?;
+    Ok(model)
+}
+
 fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<Model> {
     let config = text::read_config(&files.config)?;
     let parsed = text::bert_config(&config, &files.config)?;
