@@ -109,13 +109,13 @@ pub fn load(reference: &ModelRef, options: &LoadOptions) -> Result<Model> {
             &path.display().to_string(),
             options,
         ),
-        ModelRef::Path(path) if path.extension().is_some_and(|e| e == "pth" || e == "pt") => {
-            load_pth(path, options)
-        }
         ModelRef::Path(path) if !path.exists() => Err(Error::file(
             path,
             "model not found; run scripts/fetch-data.sh for the pretrained weights",
         )),
+        ModelRef::Path(path) if path.extension().is_some_and(|e| e == "pth" || e == "pt") => {
+            load_pth(path, options)
+        }
         ModelRef::Path(path) => Err(Error::file(
             path,
             "not a model: expected a .pth file, a taskrel checkpoint folder or a folder with config.json",
