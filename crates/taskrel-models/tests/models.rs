@@ -13,18 +13,33 @@ use taskrel_models::{LoadOptions, ModelRef, TextInput, load};
 
 fn data_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(root.is_dir(), "{} missing: run scripts/fetch-data.sh --mirror ../shared/data", root.display());
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
     root
 }
 
 fn split(name: DatasetName, train: bool) -> Dataset {
     let splits = taskrel_data::load(name, &data_root().join(name.as_str())).unwrap();
-    if train { splits.train.unwrap() } else { splits.test.unwrap() }
+    if train {
+        splits.train.unwrap()
+    } else {
+        splits.test.unwrap()
+    }
 }
 
 fn model(reference: &str, seed: u64) -> taskrel_models::Model {
     let reference: ModelRef = reference.parse().unwrap();
-    load(&reference, &LoadOptions { seed, ..Default::default() }).unwrap()
+    load(
+        &reference,
+        &LoadOptions {
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn weights(file: &str) -> String {
@@ -40,13 +55,20 @@ fn ccexam_cnns_reach_their_published_accuracy() {
     let usps = model(&weights("ccexam/usps.pth"), 0);
     let e = train::evaluate(&usps, &split(DatasetName::Usps, false), 500, true).unwrap();
     assert!(e.accuracy >= 0.945, "usps.pth accuracy {}", e.accuracy);
-    assert_eq!(e.preprocessing, "u8 1x16x16 -> /255, normalised mean [0.2471] std [0.2994]");
+    assert_eq!(
+        e.preprocessing,
+        "u8 1x16x16 -> /255, normalised mean [0.2471] std [0.2994]"
+    );
     // USPS into the MNIST CNN is resized, visibly.
-    let p = mnist.preprocessing(&split(DatasetName::Usps, false)).unwrap();
+    let p = mnist
+        .preprocessing(&split(DatasetName::Usps, false))
+        .unwrap();
     assert!(p.contains("bilinear resize to 28x28"), "{p}");
     // The SVHN CNN takes RGB: grey digits are replicated.
     let svhn = model(&weights("ccexam/svhn.pth"), 0);
-    let p = svhn.preprocessing(&split(DatasetName::Usps, false)).unwrap();
+    let p = svhn
+        .preprocessing(&split(DatasetName::Usps, false))
+        .unwrap();
     assert!(p.contains("grey replicated to 3 channels"), "{p}");
     let f = train::features(&svhn, &split(DatasetName::Usps, false), &[0, 1, 2], 3, true).unwrap();
     assert_eq!(f.dims(), [3, 256]);
@@ -63,7 +85,12 @@ fn minilm_matches_sentence_transformers() {
         labels: vec![0],
         classes: vec!["x".into()],
     };
-    let v = train::features(&m, &data, &[0], 1, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = train::features(&m, &data, &[0], 1, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(v.len(), 384);
     for (got, want) in v.iter().zip([0.0677, 0.0635, 0.0487, 0.0793, 0.0374]) {
         assert!((got - want).abs() < 1e-3, "{got} vs {want}");
@@ -75,47 +102,107 @@ fn minilm_matches_sentence_transformers() {
 #[test]
 fn lenet200_learns_mnist_transfers_to_usps_and_checkpoints_exactly() {
     let mnist_train = split(DatasetName::Mnist, true);
-    let cfg = TrainConfig { epochs: 1, batch_size: 32, lr: 1e-3, per_class: Some(1000), seed: 0, ..Default::default() };
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: 32,
+        lr: 1e-3,
+        per_class: Some(1000),
+        seed: 0,
+        ..Default::default()
+    };
     let mut net = model("lenet200", 0);
     let history = train::train(&mut net, &mnist_train, &cfg, true).unwrap();
     assert_eq!(history.n_train, 10_000);
     let test = split(DatasetName::Mnist, false);
     let e = train::evaluate(&net, &test, 500, true).unwrap();
-    assert!(e.accuracy >= 0.95, "lenet200 after 1 epoch on 10k MNIST: {}", e.accuracy);
+    assert!(
+        e.accuracy >= 0.95,
+        "lenet200 after 1 epoch on 10k MNIST: {}",
+        e.accuracy
+    );
 
     // Save -> load gives identical logits.
     let dir = tempfile::tempdir().unwrap();
     net.save(dir.path()).unwrap();
-    let again = load(&ModelRef::Path(dir.path().to_path_buf()), &LoadOptions::default()).unwrap();
+    let again = load(
+        &ModelRef::Path(dir.path().to_path_buf()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let idx: Vec<usize> = (0..64).collect();
-    let a = net.head_logits(&net.features(&test, &idx, None).unwrap()).unwrap();
-    let b = again.head_logits(&again.features(&test, &idx, None).unwrap()).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let a = net
+        .head_logits(&net.features(&test, &idx, None).unwrap())
+        .unwrap();
+    let b = again
+        .head_logits(&again.features(&test, &idx, None).unwrap())
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
 
     // A linear probe on 100 USPS images per class: MNIST features beat random ones (measured
     // 0.891 vs 0.860 with these seeds; random conv features are a strong baseline on digits).
     let usps_train = split(DatasetName::Usps, true);
     let usps_test = split(DatasetName::Usps, false);
-    let probe = TrainConfig { epochs: 30, batch_size: 64, lr: 1e-2, per_class: Some(100), seed: 1, ..Default::default() };
+    let probe = TrainConfig {
+        epochs: 30,
+        batch_size: 64,
+        lr: 1e-2,
+        per_class: Some(100),
+        seed: 1,
+        ..Default::default()
+    };
     let mut pretrained = again;
-    train::fine_tune(&mut pretrained, &usps_train, Mode::LinearProbe, &probe, true).unwrap();
-    let transferred = train::evaluate(&pretrained, &usps_test, 500, true).unwrap().accuracy;
+    train::fine_tune(
+        &mut pretrained,
+        &usps_train,
+        Mode::LinearProbe,
+        &probe,
+        true,
+    )
+    .unwrap();
+    let transferred = train::evaluate(&pretrained, &usps_test, 500, true)
+        .unwrap()
+        .accuracy;
     let mut random = model("lenet200", 7);
     train::fine_tune(&mut random, &usps_train, Mode::LinearProbe, &probe, true).unwrap();
-    let baseline = train::evaluate(&random, &usps_test, 500, true).unwrap().accuracy;
-    assert!(transferred > baseline + 0.01, "MNIST probe {transferred} vs random probe {baseline}");
+    let baseline = train::evaluate(&random, &usps_test, 500, true)
+        .unwrap()
+        .accuracy;
+    assert!(
+        transferred > baseline + 0.01,
+        "MNIST probe {transferred} vs random probe {baseline}"
+    );
 }
 
 #[test]
 fn same_seed_same_numbers() {
     let data = split(DatasetName::Usps, true);
-    let cfg = TrainConfig { epochs: 2, batch_size: 16, per_class: Some(10), seed: 3, ..Default::default() };
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 16,
+        per_class: Some(10),
+        seed: 3,
+        ..Default::default()
+    };
     let run = || {
         let mut net = model("lenet200", 0);
         let h = train::train(&mut net, &data, &cfg, true).unwrap();
         let e = train::evaluate(&net, &data.take_per_class(20, 9).unwrap(), 64, true).unwrap();
-        (h.epochs.iter().map(|e| (e.loss, e.accuracy)).collect::<Vec<_>>(), e.accuracy, e.loss)
+        (
+            h.epochs
+                .iter()
+                .map(|e| (e.loss, e.accuracy))
+                .collect::<Vec<_>>(),
+            e.accuracy,
+            e.loss,
+        )
     };
     assert_eq!(run(), run());
 }
@@ -130,36 +217,83 @@ fn tiny_bert_fine_tunes_and_round_trips() {
         "layer_norm_eps": 1e-12, "pad_token_id": 0, "model_type": "bert"
     });
     let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
-    let input = TextInput { max_len: 32, pooling: "mean".into(), normalize: false };
-    let options = LoadOptions { seed: 5, ..Default::default() };
+    let input = TextInput {
+        max_len: 32,
+        pooling: "mean".into(),
+        normalize: false,
+    };
+    let options = LoadOptions {
+        seed: 5,
+        ..Default::default()
+    };
     let mut bert = taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap();
-    let ag = split(DatasetName::AgNews, false).take_per_class(8, 0).unwrap();
-    let cfg = TrainConfig { epochs: 1, batch_size: 8, lr: 1e-3, seed: 0, ..Default::default() };
+    let ag = split(DatasetName::AgNews, false)
+        .take_per_class(8, 0)
+        .unwrap();
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 1e-3,
+        seed: 0,
+        ..Default::default()
+    };
     let h = train::fine_tune(&mut bert, &ag, Mode::Full, &cfg, true).unwrap();
     assert!(h.epochs[0].loss.is_finite());
-    assert!(h.preprocessing.contains("truncated at 32"), "{}", h.preprocessing);
+    assert!(
+        h.preprocessing.contains("truncated at 32"),
+        "{}",
+        h.preprocessing
+    );
 
     let dir = tempfile::tempdir().unwrap();
     bert.save(dir.path()).unwrap();
-    let again = load(&ModelRef::Path(dir.path().to_path_buf()), &LoadOptions::default()).unwrap();
+    let again = load(
+        &ModelRef::Path(dir.path().to_path_buf()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let idx = [0, 5, 9];
-    let a = bert.head_logits(&bert.features(&ag, &idx, None).unwrap()).unwrap();
-    let b = again.head_logits(&again.features(&ag, &idx, None).unwrap()).unwrap();
+    let a = bert
+        .head_logits(&bert.features(&ag, &idx, None).unwrap())
+        .unwrap();
+    let b = again
+        .head_logits(&again.features(&ag, &idx, None).unwrap())
+        .unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     // Text models refuse images.
-    let err = again.preprocessing(&split(DatasetName::Usps, false)).unwrap_err().to_string();
-    assert!(err.contains("text model and cannot read a image dataset"), "{err}");
+    let err = again
+        .preprocessing(&split(DatasetName::Usps, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("text model and cannot read a image dataset"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_references_fail_clearly() {
-    let err = load(&"no/such/model.pth".parse().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+    let err = load(
+        &"no/such/model.pth".parse().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("model not found"), "{err}");
     let dir = tempfile::tempdir().unwrap();
-    let err = load(&"hf:nobody/nothing".parse().unwrap(), &LoadOptions { hub_cache: Some(dir.path().into()), ..Default::default() })
-        .unwrap_err()
-        .to_string();
+    let err = load(
+        &"hf:nobody/nothing".parse().unwrap(),
+        &LoadOptions {
+            hub_cache: Some(dir.path().into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not in the Hugging Face cache"), "{err}");
     assert!(taskrel_models::device("gpu").is_err());
-    assert!(matches!(taskrel_models::device("cpu").unwrap(), Device::Cpu));
+    assert!(matches!(
+        taskrel_models::device("cpu").unwrap(),
+        Device::Cpu
+    ));
 }

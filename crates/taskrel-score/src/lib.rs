@@ -4,6 +4,7 @@
 //! when available) and returns numbers, so it can be used on any features.
 
 pub mod features;
+pub mod ot;
 
 pub use features::FeatureSet;
 

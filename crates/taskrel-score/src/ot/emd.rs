@@ -1,0 +1,332 @@
+//! Exact optimal transport (earth mover's distance) by the primal network simplex method on
+//! the bipartite transportation graph.
+//!
+//! Problem: minimise `sum_ij C_ij x_ij` subject to `sum_j x_ij = a_i`, `sum_i x_ij = b_j`,
+//! `x >= 0`, with `C` dense `(n, m)` row-major and `sum a = sum b` (checked to a relative 1e-9,
+//! then `b` is rescaled to sum exactly to `sum a`).
+//!
+//! The basis is a spanning tree of the `n + m` nodes (sources `0..n`, sinks `n..n+m`), stored
+//! as parent pointers with depths, children lists, the flow of each tree edge at its child, and
+//! node potentials `u` (sources) and `v` (sinks) with `C_ij = u_i + v_j` on tree edges. The
+//! start is the north-west-corner staircase (a spanning tree by construction). Entering arcs
+//! are priced by block search (blocks of about `sqrt(n m)` arcs scanned cyclically, the most
+//! negative reduced cost of the first block that has one enters), the cycle is found by
+//! walking both ends up to their common ancestor, and the detached subtree is re-rooted at the
+//! entering arc with its potentials shifted by the entering reduced cost.
+
+use crate::{Error, Result};
+
+/// An optimal transport plan in sparse form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// `sum_ij C_ij x_ij`.
+    pub cost: f64,
+    /// Basic arcs `(i, j, x_ij)`; arcs not listed carry no mass (zero-mass basic arcs are
+    /// dropped).
+    pub flows: Vec<(u32, u32, f64)>,
+    /// Simplex pivots performed.
+    pub pivots: usize,
+}
+
+impl Plan {
+    /// Row sums `(n)` of the plan.
+    pub fn row_sums(&self, n: usize) -> Vec<f64> {
+        let mut s = vec![0.0; n];
+        for &(i, _, x) in &self.flows {
+            s[i as usize] += x;
+        }
+        s
+    }
+
+    /// Column sums `(m)` of the plan.
+    pub fn col_sums(&self, m: usize) -> Vec<f64> {
+        let mut s = vec![0.0; m];
+        for &(_, j, x) in &self.flows {
+            s[j as usize] += x;
+        }
+        s
+    }
+}
+
+/// Checks weights: finite, non-negative, equal totals.
+pub(crate) fn check_marginals(a: &[f64], b: &[f64]) -> Result<(f64, f64)> {
+    for (name, w) in [("source", a), ("target", b)] {
+        if w.is_empty() {
+            return Err(Error::Invalid(format!(
+                "optimal transport: {name} weights are empty"
+            )));
+        }
+        if let Some(bad) = w.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(Error::Invalid(format!(
+                "optimal transport: {name} weight {bad} is {}",
+                w[bad]
+            )));
+        }
+    }
+    let (sa, sb): (f64, f64) = (a.iter().sum(), b.iter().sum());
+    if !(sa > 0.0) || ((sa - sb) / sa).abs() > 1e-9 {
+        return Err(Error::Invalid(format!(
+            "optimal transport: weights sum to {sa} and {sb}, expected equal positive totals"
+        )));
+    }
+    Ok((sa, sb))
+}
+
+/// Solves the transportation problem exactly. `cost` is `(a.len(), b.len())` row-major.
+pub fn emd(a: &[f64], b: &[f64], cost: &[f64]) -> Result<Plan> {
+    let (n, m) = (a.len(), b.len());
+    let (sa, sb) = check_marginals(a, b)?;
+    if cost.len() != n * m {
+        return Err(Error::Invalid(format!(
+            "optimal transport: cost has {} entries, expected {n} x {m}",
+            cost.len()
+        )));
+    }
+    if let Some(bad) = cost.iter().position(|c| !c.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "optimal transport: cost ({}, {}) is {}",
+            bad / m,
+            bad % m,
+            cost[bad]
+        )));
+    }
+    let b: Vec<f64> = b.iter().map(|x| x * sa / sb).collect();
+    let mut s = Simplex::new(n, m, cost);
+    s.north_west_corner(a, &b);
+    s.solve();
+    Ok(s.plan())
+}
+
+struct Simplex<'c> {
+    n: usize,
+    m: usize,
+    cost: &'c [f64],
+    parent: Vec<usize>,
+    depth: Vec<u32>,
+    flow: Vec<f64>,
+    children: Vec<Vec<usize>>,
+    pot: Vec<f64>,
+    pivots: usize,
+    eps: f64,
+}
+
+const NONE: usize = usize::MAX;
+
+impl<'c> Simplex<'c> {
+    fn new(n: usize, m: usize, cost: &'c [f64]) -> Self {
+        let scale = cost
+            .iter()
+            .fold(0.0f64, |acc, c| acc.max(c.abs()))
+            .max(1e-300);
+        Self {
+            n,
+            m,
+            cost,
+            parent: vec![NONE; n + m],
+            depth: vec![0; n + m],
+            flow: vec![0.0; n + m],
+            children: vec![Vec::new(); n + m],
+            pot: vec![0.0; n + m],
+            pivots: 0,
+            eps: scale * 1e-12,
+        }
+    }
+
+    /// Cost of the arc between tree nodes `x` and `y` (one a source, the other a sink).
+    fn arc_cost(&self, x: usize, y: usize) -> f64 {
+        let (i, j) = if x < self.n {
+            (x, y - self.n)
+        } else {
+            (y, x - self.n)
+        };
+        self.cost[i * self.m + j]
+    }
+
+    fn north_west_corner(&mut self, a: &[f64], b: &[f64]) {
+        let (n, m) = (self.n, self.m);
+        let mut adjacency: Vec<Vec<(usize, f64)>> = vec![Vec::new(); n + m];
+        let (mut i, mut j) = (0, 0);
+        let (mut ra, mut rb) = (a[0], b[0]);
+        loop {
+            let x = ra.min(rb).max(0.0);
+            adjacency[i].push((n + j, x));
+            adjacency[n + j].push((i, x));
+            ra -= x;
+            rb -= x;
+            if i == n - 1 && j == m - 1 {
+                break;
+            }
+            if j == m - 1 || (i < n - 1 && ra <= rb) {
+                i += 1;
+                ra = a[i];
+            } else {
+                j += 1;
+                rb = b[j];
+            }
+        }
+        // Root the staircase at source 0.
+        let mut stack = vec![0usize];
+        self.parent[0] = 0;
+        while let Some(x) = stack.pop() {
+            for &(y, f) in &adjacency[x] {
+                if self.parent[y] == NONE {
+                    self.parent[y] = x;
+                    self.depth[y] = self.depth[x] + 1;
+                    self.flow[y] = f;
+                    self.children[x].push(y);
+                    self.pot[y] = self.arc_cost(x, y) - self.pot[x];
+                    stack.push(y);
+                }
+            }
+        }
+    }
+
+    fn reduced(&self, i: usize, j: usize) -> f64 {
+        self.cost[i * self.m + j] - self.pot[i] - self.pot[self.n + j]
+    }
+
+    fn solve(&mut self) {
+        let arcs = self.n * self.m;
+        let block = ((arcs as f64).sqrt().ceil() as usize).max(10).min(arcs);
+        let mut next = 0usize;
+        loop {
+            // Block search for an entering arc.
+            let mut best = (-self.eps, NONE);
+            let mut scanned = 0;
+            while scanned < arcs {
+                let end = (scanned + block).min(arcs);
+                for _ in scanned..end {
+                    let (i, j) = (next / self.m, next % self.m);
+                    let rc = self.reduced(i, j);
+                    if rc < best.0 {
+                        best = (rc, next);
+                    }
+                    next += 1;
+                    if next == arcs {
+                        next = 0;
+                    }
+                }
+                scanned = end;
+                if best.1 != NONE {
+                    break;
+                }
+            }
+            if best.1 == NONE {
+                return;
+            }
+            let (i, j) = (best.1 / self.m, best.1 % self.m);
+            self.pivot(i, self.n + j, best.0);
+        }
+    }
+
+    fn pivot(&mut self, src: usize, snk: usize, rc: f64) {
+        self.pivots += 1;
+        // Walk both ends to the common ancestor. The cycle is src -> snk (entering arc, flow
+        // up), then snk up to the ancestor and down to src. Going up from snk, an edge whose
+        // child is a sink is traversed against its direction (flow down); going down to src,
+        // an edge whose child is a source is traversed against its direction.
+        let (mut x, mut y) = (snk, src);
+        let mut up_snk: Vec<usize> = Vec::new();
+        let mut up_src: Vec<usize> = Vec::new();
+        while x != y {
+            if self.depth[x] >= self.depth[y] {
+                up_snk.push(x);
+                x = self.parent[x];
+            } else {
+                up_src.push(y);
+                y = self.parent[y];
+            }
+        }
+        let is_sink = |v: usize| v >= self.n;
+        // Leaving edge: smallest flow among edges whose flow goes down; ties keep the first
+        // met along the cycle from the entering arc.
+        let mut theta = f64::INFINITY;
+        let mut leave = NONE;
+        let mut leave_on_src_side = false;
+        for &c in &up_snk {
+            if is_sink(c) && self.flow[c] < theta {
+                theta = self.flow[c];
+                leave = c;
+            }
+        }
+        for &c in up_src.iter().rev() {
+            if !is_sink(c) && self.flow[c] < theta {
+                theta = self.flow[c];
+                leave = c;
+                leave_on_src_side = true;
+            }
+        }
+        for &c in &up_snk {
+            self.flow[c] += if is_sink(c) { -theta } else { theta };
+        }
+        for &c in &up_src {
+            self.flow[c] += if is_sink(c) { theta } else { -theta };
+        }
+        // Re-root the detached subtree at the entering arc's end on its side.
+        let (start, new_parent, path) = if leave_on_src_side {
+            (src, snk, &up_src)
+        } else {
+            (snk, src, &up_snk)
+        };
+        let stop = path
+            .iter()
+            .position(|&c| c == leave)
+            .unwrap_or(path.len().saturating_sub(1));
+        let chain: Vec<usize> = path[..=stop].to_vec();
+        // Detach `leave` from its parent.
+        let old_parent = self.parent[leave];
+        if let Some(k) = self.children[old_parent].iter().position(|&c| c == leave) {
+            self.children[old_parent].swap_remove(k);
+        }
+        // Reverse the chain start = chain[0] .. chain[stop] = leave.
+        for t in (1..chain.len()).rev() {
+            let (child, par) = (chain[t], chain[t - 1]);
+            // Edge (chain[t-1], chain[t]) was stored at chain[t-1]; its child becomes chain[t].
+            if let Some(k) = self.children[child].iter().position(|&c| c == par) {
+                self.children[child].swap_remove(k);
+            }
+            self.children[par].push(child);
+            self.parent[child] = par;
+            self.flow[child] = self.flow[par];
+        }
+        self.parent[start] = new_parent;
+        self.children[new_parent].push(start);
+        self.flow[start] = theta;
+        // Potentials and depths of the moved subtree.
+        let mut stack = vec![start];
+        while let Some(v) = stack.pop() {
+            self.depth[v] = self.depth[self.parent[v]] + 1;
+            // Sources on the moved side gain rc when it is src's side, lose it otherwise.
+            let delta = match (leave_on_src_side, is_sink(v)) {
+                (true, false) | (false, true) => rc,
+                (true, true) | (false, false) => -rc,
+            };
+            self.pot[v] += delta;
+            stack.extend(self.children[v].iter().copied());
+        }
+    }
+
+    fn plan(&self) -> Plan {
+        let mut flows = Vec::with_capacity(self.n + self.m);
+        let mut cost = 0.0;
+        for v in 0..self.n + self.m {
+            let p = self.parent[v];
+            if p == v || p == NONE || self.flow[v] <= 0.0 {
+                continue;
+            }
+            let (i, j) = if v < self.n {
+                (v, p - self.n)
+            } else {
+                (p, v - self.n)
+            };
+            cost += self.flow[v] * self.cost[i * self.m + j];
+            flows.push((i as u32, j as u32, self.flow[v]));
+        }
+        flows.sort_by_key(|&(i, j, _)| (i, j));
+        Plan {
+            cost,
+            flows,
+            pivots: self.pivots,
+        }
+    }
+}
