@@ -3,6 +3,7 @@
 
 mod data_cmd;
 mod model_cmd;
+mod relatedness_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +92,37 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Task-relatedness between reference and target features (files from `taskrel features`).
+    Relatedness {
+        /// Labelled reference features.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Target features (labels used unless --unlabeled).
+        #[arg(long)]
+        target: PathBuf,
+        /// learned_all, learned_a or fixed_all.
+        #[arg(long, default_value = "learned_all", value_parser = parse_variant)]
+        variant: taskrel_score::Variant,
+        /// Ignore target labels (label-free task-relatedness).
+        #[arg(long)]
+        unlabeled: bool,
+        /// emd, block_emd or sinkhorn.
+        #[arg(long, default_value = "block_emd", value_parser = parse_solver)]
+        solver: taskrel_score::Solver,
+        /// Alternating iterations.
+        #[arg(long, default_value_t = 1001)]
+        iterations: usize,
+        /// Samples per batch and domain.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The pooled embedding of one text.
     Embed {
         #[arg(long)]
@@ -100,6 +132,16 @@ enum Command {
         #[command(flatten)]
         run: model_cmd::RunArgs,
     },
+}
+
+fn parse_variant(s: &str) -> Result<taskrel_score::Variant, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown variant {s:?}, expected learned_all, learned_a or fixed_all"))
+}
+
+fn parse_solver(s: &str) -> Result<taskrel_score::Solver, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown solver {s:?}, expected emd, block_emd or sinkhorn"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -139,6 +181,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
         } => model_cmd::features(&model, &data, &split, per_class, seed, &run, &out),
         Command::Embed { model, text, run } => model_cmd::embed(&model, &text, &run),
+        Command::Relatedness {
+            reference,
+            target,
+            variant,
+            unlabeled,
+            solver,
+            iterations,
+            batch_size,
+            seed,
+            device,
+            json,
+        } => {
+            let cfg = taskrel_score::RelatednessConfig {
+                variant,
+                solver,
+                iterations,
+                batch_size,
+                unlabeled,
+                seed,
+                ..Default::default()
+            };
+            relatedness_cmd::run(&reference, &target, &cfg, &device, json)
+        }
     }
 }
 

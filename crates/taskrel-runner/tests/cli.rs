@@ -100,3 +100,85 @@ fn corrupt_or_missing_data_exits_non_zero_with_one_line() {
             .contains("expected one of: mnist, fashion_mnist, usps")
     );
 }
+
+#[test]
+fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
+    // The ordering of the paper's small-scale study, on the pretrained MNIST CNN's features.
+    let root = data_root();
+    let dir = tempfile::tempdir().unwrap();
+    let model = root.join("models/ccexam/mnist.pth");
+    let feats = |dataset: &str| {
+        let out = dir.path().join(format!("{dataset}.safetensors"));
+        let args = [
+            "features",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            dataset,
+            "--data-root",
+            root.to_str().unwrap(),
+            "--per-class",
+            "60",
+            "--seed",
+            "1",
+            "--quiet",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let report = json(&args);
+        assert_eq!(report["n"], 600);
+        if dataset == "usps" {
+            assert!(
+                report["preprocessing"]
+                    .as_str()
+                    .unwrap()
+                    .contains("bilinear resize to 28x28")
+            );
+        }
+        out
+    };
+    let (mnist, usps, fashion) = (feats("mnist"), feats("usps"), feats("fashion_mnist"));
+    let score = |target: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "relatedness",
+            "--reference",
+            mnist.to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+            "--iterations",
+            "101",
+            "--batch-size",
+            "300",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&args)
+    };
+    for extra in [&[][..], &["--unlabeled"][..]] {
+        let (u, f) = (score(&usps, extra), score(&fashion, extra));
+        for key in [
+            "bound",
+            "reference_loss",
+            "label_entropy",
+            "wasserstein",
+            "tau",
+        ] {
+            assert!(u[key].as_f64().unwrap().is_finite(), "{key}: {u}");
+        }
+        assert!(
+            u["bound"].as_f64().unwrap() < f["bound"].as_f64().unwrap(),
+            "{extra:?}: usps {} vs fashion {}",
+            u["bound"],
+            f["bound"]
+        );
+        if extra.is_empty() {
+            assert!(
+                u["target_accuracy"].as_f64().unwrap() > f["target_accuracy"].as_f64().unwrap()
+            );
+        } else {
+            assert_eq!(u["labels_used"]["wasserstein"], false);
+            assert!(u["target_accuracy"].is_null());
+        }
+    }
+}

@@ -3,10 +3,13 @@
 //! This crate knows nothing of datasets or models: it takes `(n, d)` features (and labels,
 //! when available) and returns numbers, so it can be used on any features.
 
+pub mod classifier;
 pub mod features;
 pub mod ot;
+pub mod relatedness;
 
 pub use features::FeatureSet;
+pub use relatedness::{RelatednessConfig, Report, Solver, Variant, relatedness};
 
 /// Errors of the score crate.
 #[derive(Debug, thiserror::Error)]

@@ -64,7 +64,7 @@ pub(crate) fn check_marginals(a: &[f64], b: &[f64]) -> Result<(f64, f64)> {
         }
     }
     let (sa, sb): (f64, f64) = (a.iter().sum(), b.iter().sum());
-    if !(sa > 0.0) || ((sa - sb) / sa).abs() > 1e-9 {
+    if sa.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || ((sa - sb) / sa).abs() > 1e-9 {
         return Err(Error::Invalid(format!(
             "optimal transport: weights sum to {sa} and {sb}, expected equal positive totals"
         )));

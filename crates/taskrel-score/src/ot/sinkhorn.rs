@@ -67,7 +67,7 @@ pub fn sinkhorn(
             cost.len()
         )));
     }
-    if !(config.eps > 0.0) {
+    if config.eps.is_nan() || config.eps <= 0.0 {
         return Err(Error::Invalid(format!(
             "sinkhorn: eps must be positive, got {}",
             config.eps
