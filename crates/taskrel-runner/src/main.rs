@@ -1,6 +1,7 @@
 //! `taskrel`: predict how well a pretrained model transfers to a task, then check by
 //! fine-tuning. This binary parses arguments once, runs one subcommand, and exits in one place.
 
+mod bench_cmd;
 mod data_cmd;
 mod model_cmd;
 mod relatedness_cmd;
@@ -123,6 +124,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks to compare with peer implementations on the same machine.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// The pooled embedding of one text.
     Embed {
         #[arg(long)]
@@ -131,6 +137,26 @@ enum Command {
         text: String,
         #[command(flatten)]
         run: model_cmd::RunArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Exact EMD on uniform n x n problems (compare: scripts/bench/pot_emd.py).
+    Emd {
+        /// Problem sizes.
+        #[arg(long, value_delimiter = ',', default_value = "500,1000,2500")]
+        sizes: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Loading a dataset: wall time and peak memory.
+    Data {
+        name: taskrel_data::DatasetName,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -181,6 +207,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
         } => model_cmd::features(&model, &data, &split, per_class, seed, &run, &out),
         Command::Embed { model, text, run } => model_cmd::embed(&model, &text, &run),
+        Command::Bench {
+            what: Bench::Emd { sizes, json },
+        } => bench_cmd::emd(&sizes, json),
+        Command::Bench {
+            what: Bench::Data { name, root, json },
+        } => {
+            let root = root.unwrap_or_else(|| PathBuf::from("data").join(name.as_str()));
+            bench_cmd::data(name, &root, json)
+        }
         Command::Relatedness {
             reference,
             target,

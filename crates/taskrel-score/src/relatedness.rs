@@ -140,6 +140,9 @@ pub struct RelatednessConfig {
     pub head_steps: usize,
     /// Adam learning rate of h_R.
     pub head_lr: f64,
+    /// Reference samples (at most, stratified and seeded) h_R is trained on; its class losses
+    /// and tau are still measured on every reference sample.
+    pub head_samples: usize,
     /// Samples per class (at most) used for the reported Wasserstein term.
     pub eval_per_class: usize,
     /// Sinkhorn regularisation, relative to the mean cost of each problem.
@@ -164,6 +167,7 @@ impl Default for RelatednessConfig {
             gradient_penalty: 1e2,
             head_steps: 300,
             head_lr: 1e-2,
+            head_samples: 2000,
             eval_per_class: 500,
             sinkhorn_eps: 0.05,
             unlabeled: false,
@@ -491,7 +495,21 @@ pub fn relatedness(
         steps: cfg.head_steps,
         lr: cfg.head_lr,
     };
-    let head = train_head(&zr_all, ref_labels, r.k, &head_cfg)?;
+    let mut head_rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(0x4ead));
+    let mut head_idx = Vec::new();
+    for pool in &r.members {
+        let share =
+            (cfg.head_samples as f64 * pool.len() as f64 / reference.n as f64).ceil() as usize;
+        draw(
+            pool,
+            share.clamp(1, pool.len()),
+            &mut head_rng,
+            &mut head_idx,
+        );
+    }
+    let head_labels: Vec<u32> = head_idx.iter().map(|&i| ref_labels[i]).collect();
+    let head_z = Tensor::from_vec(rows(&r.z, d, &head_idx), (head_idx.len(), d), device)?;
+    let head = train_head(&head_z, &head_labels, r.k, &head_cfg)?;
     let mut class_loss = vec![0f64; r.k];
     let (mut tau_hat, mut ref_hits) = (0f64, 0usize);
     for (i, &y) in ref_labels.iter().enumerate() {

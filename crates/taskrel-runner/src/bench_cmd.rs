@@ -1,0 +1,86 @@
+//! `taskrel bench`: measurements that are compared with peer implementations run on the same
+//! machine (see `scripts/bench-peers.sh` for the POT side).
+
+use std::path::Path;
+use std::time::Instant;
+
+use taskrel_data::DatasetName;
+
+/// The 32-bit LCG shared with `scripts/bench/pot_emd.py`: `s = (1664525 s + 1013904223) mod 2^32`.
+fn lcg(seed: u64, k: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..k)
+        .map(|_| {
+            s = (1664525 * s + 1013904223) % (1 << 32);
+            (s as f64 / (1u64 << 32) as f64) as f32
+        })
+        .collect()
+}
+
+/// Exact EMD on `n x n` uniform problems (points in 16-d, the second cloud shifted by 0.25).
+pub fn emd(sizes: &[usize], json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let d = 16;
+        let x = lcg(7, n * d);
+        let y: Vec<f32> = lcg(8, n * d).into_iter().map(|v| v + 0.25).collect();
+        let cost = taskrel_score::ot::euclidean(&x, &y, d);
+        let w = taskrel_score::ot::uniform(n);
+        let reps = (2000 / n).clamp(1, 20);
+        let start = Instant::now();
+        let mut plan = None;
+        for _ in 0..reps {
+            plan = Some(taskrel_score::ot::emd(&w, &w, &cost)?);
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let plan = plan.ok_or_else(|| anyhow::anyhow!("no repetition ran"))?;
+        rows.push(
+            serde_json::json!({ "n": n, "ms": ms, "cost": plan.cost, "pivots": plan.pivots }),
+        );
+        if !json {
+            println!(
+                "emd n = {n:>5}: {ms:>9.2} ms per solve (cost {:.6}, {} pivots)",
+                plan.cost, plan.pivots
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process, from `/proc/self/status` (Linux), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Loading a dataset (all splits) from disk.
+pub fn data(name: DatasetName, root: &Path, json: bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let splits = taskrel_data::load(name, root)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let pixels: usize = splits
+        .iter()
+        .filter_map(|(_, d)| d.images())
+        .map(|i| i.pixels.len())
+        .sum();
+    let peak = peak_rss_mb();
+    let report = serde_json::json!({
+        "dataset": name, "seconds": seconds, "peak_rss_mb": peak, "pixel_mb": pixels as f64 / 1e6,
+        "samples": splits.iter().map(|(_, d)| d.len()).sum::<usize>(),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "load {name}: {seconds:.3} s, peak RSS {:.1} MB for {:.1} MB of pixels",
+            peak.unwrap_or(f64::NAN),
+            pixels as f64 / 1e6
+        );
+    }
+    Ok(())
+}
