@@ -84,3 +84,77 @@ pub fn data(name: DatasetName, root: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Train-step time: `steps` end-to-end steps of `model` at `batch` (lenet200 on MNIST images;
+/// a text model on AG News texts joined in fours so every sequence is truncated to `max_len`).
+pub fn train_step(
+    model_ref: &str,
+    data_root: &Path,
+    batch: usize,
+    steps: usize,
+    max_len: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use taskrel_models::train::{self, Mode, TrainConfig};
+    let reference: taskrel_models::ModelRef = model_ref.parse()?;
+    let options = taskrel_models::LoadOptions {
+        max_len,
+        ..Default::default()
+    };
+    let mut model = taskrel_models::load(&reference, &options)?;
+    let n = batch * steps;
+    let data = match model.spec.modality {
+        taskrel_data::Modality::Image => {
+            let mnist = taskrel_data::load(DatasetName::Mnist, &data_root.join("mnist"))?;
+            let train = mnist.get(taskrel_data::SplitName::Train)?;
+            train.select(&(0..n).collect::<Vec<_>>())?
+        }
+        taskrel_data::Modality::Text => {
+            let ag = taskrel_data::load(DatasetName::AgNews, &data_root.join("ag_news"))?;
+            let test = ag.get(taskrel_data::SplitName::Test)?;
+            let texts = test.texts().unwrap_or_default();
+            let len = texts.len().max(1);
+            let joined: Vec<String> = (0..n)
+                .map(|i| {
+                    (0..4)
+                        .map(|k| texts[(4 * i + k) % len].as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            taskrel_data::Dataset {
+                inputs: taskrel_data::Inputs::Texts(joined),
+                labels: (0..n).map(|i| test.labels[i % len]).collect(),
+                classes: test.classes.clone(),
+            }
+        }
+    };
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: batch,
+        seed: 0,
+        ..Default::default()
+    };
+    // One warm-up step, then the timed steps.
+    let warm = data.select(&(0..batch).collect::<Vec<_>>())?;
+    train::fine_tune(&mut model, &warm, Mode::Full, &cfg, true)?;
+    let history = train::fine_tune(&mut model, &data, Mode::Full, &cfg, true)?;
+    let seconds = history.epochs.first().map_or(f64::NAN, |e| e.seconds);
+    let ms = seconds * 1e3 / steps as f64;
+    let report = serde_json::json!({
+        "model": model_ref, "batch": batch, "steps": steps, "max_len": max_len,
+        "ms_per_step": ms, "samples_per_second": n as f64 / seconds, "peak_rss_mb": peak_rss_mb(),
+        "threads": candle_core::utils::get_num_threads(),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "train step {model_ref}, batch {batch}: {ms:.1} ms ({:.0} samples/s, peak RSS {:.0} MB, {} threads)",
+            n as f64 / seconds,
+            peak_rss_mb().unwrap_or(f64::NAN),
+            candle_core::utils::get_num_threads()
+        );
+    }
+    Ok(())
+}

@@ -150,6 +150,22 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Train-step time of a model, end to end (compare: scripts/bench/torch_train_step.py).
+    Train {
+        /// lenet200 or a model reference.
+        #[arg(long, default_value = "lenet200")]
+        model: String,
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        #[arg(long, default_value = "data")]
+        data_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Loading a dataset: wall time and peak memory.
     Data {
         name: taskrel_data::DatasetName,
@@ -210,6 +226,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             what: Bench::Emd { sizes, json },
         } => bench_cmd::emd(&sizes, json),
+        Command::Bench {
+            what:
+                Bench::Train {
+                    model,
+                    batch_size,
+                    steps,
+                    max_len,
+                    data_root,
+                    json,
+                },
+        } => bench_cmd::train_step(&model, &data_root, batch_size, steps, max_len, json),
         Command::Bench {
             what: Bench::Data { name, root, json },
         } => {
