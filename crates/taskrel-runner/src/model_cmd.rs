@@ -115,7 +115,8 @@ impl TrainArgs {
 const DERIVED_SPLIT_SEED: u64 = 0;
 const DERIVED_TEST_FRACTION: f64 = 0.2;
 
-/// Loads one split; a dataset with only one split on disk is divided deterministically.
+/// Loads one split. A dataset with only one split on disk is divided deterministically, and
+/// both `train` and `test` then come from that division, so they never overlap.
 pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset, String)> {
     let root = args
         .root
@@ -123,13 +124,15 @@ pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset,
         .unwrap_or_else(|| args.data_root.join(args.dataset.as_str()));
     let splits = taskrel_data::load(args.dataset, &root)?;
     let label = format!("{}/{}", args.dataset, split.as_str());
-    if let Ok(d) = splits.get(split) {
-        return Ok((d.clone(), label));
+    if splits.train.is_some() && splits.test.is_some() {
+        return Ok((splits.get(split)?.clone(), label));
     }
-    let (_, only) = splits.iter().next().context("no split on disk")?;
+    let (only_name, only) = splits.iter().next().context("no split on disk")?;
     let (train, test) = only.split(DERIVED_TEST_FRACTION, DERIVED_SPLIT_SEED)?;
-    let derived =
-        format!("{label} (derived: stratified 80/20 split of the only split on disk, seed 0)");
+    let derived = format!(
+        "{label} (derived: stratified 80/20 split of the {} split, the only one on disk, seed 0)",
+        only_name.as_str()
+    );
     Ok((
         if split == SplitName::Train {
             train

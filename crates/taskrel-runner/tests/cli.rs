@@ -182,3 +182,40 @@ fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
         }
     }
 }
+
+#[test]
+fn a_dataset_with_one_split_is_divided_without_overlap() {
+    // The mirrored AG News has only its test file: train and test both come from a seeded
+    // stratified 80/20 division of it (6,080 / 1,520 rows), and outputs say so.
+    let root = data_root();
+    let model = root.join("models/all-MiniLM-L6-v2");
+    let dir = tempfile::tempdir().unwrap();
+    for (split, text) in [
+        ("train", "ag_news/train (derived"),
+        ("test", "ag_news/test (derived"),
+    ] {
+        let out = dir.path().join(format!("{split}.safetensors"));
+        let report = json(&[
+            "features",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            "ag_news",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--split",
+            split,
+            "--per-class",
+            "2",
+            "--quiet",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            report["dataset"].as_str().unwrap().starts_with(text),
+            "{report}"
+        );
+        assert_eq!(report["n"], 8);
+    }
+}
