@@ -185,17 +185,22 @@ impl Model {
             .map_err(|_| Error::Invalid("variable map lock poisoned".into()))
     }
 
-    /// Trainable variables, sorted by name; `head_only` keeps those of the head.
-    pub fn vars(&self, head_only: bool) -> Result<Vec<Var>> {
+    /// Trainable variables sorted by name, as `(encoder, head)`.
+    pub fn vars(&self) -> Result<(Vec<Var>, Vec<Var>)> {
         let prefix = format!("{}.", self.head_prefix);
         let vars = self.lock_vars()?;
         let mut named: Vec<(&String, &Var)> = vars
             .iter()
             .filter(|(name, _)| !(name.ends_with("running_mean") || name.ends_with("running_var")))
-            .filter(|(name, _)| !head_only || name.starts_with(&prefix))
             .collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
-        Ok(named.into_iter().map(|(_, v)| v.clone()).collect())
+        let (head, encoder): (Vec<_>, Vec<_>) = named
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(&prefix));
+        Ok((
+            encoder.into_iter().map(|(_, v)| v.clone()).collect(),
+            head.into_iter().map(|(_, v)| v.clone()).collect(),
+        ))
     }
 
     /// Copies weights into the model's variables by name. `rename` maps a file name to a

@@ -77,6 +77,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
+    /// Peak learning rate of the new head in end-to-end fine-tuning (default: `lr`). A new
+    /// head on L2-normalised text embeddings needs a far larger rate than the encoder.
+    pub head_lr: Option<f64>,
     /// Weight decay (decoupled for AdamW, L2 for SGD).
     pub weight_decay: f64,
     /// SGD momentum.
@@ -97,6 +100,7 @@ impl Default for TrainConfig {
             epochs: 1,
             batch_size: 64,
             lr: 1e-3,
+            head_lr: None,
             weight_decay: 0.0,
             momentum: 0.9,
             optimizer: OptimizerKind::Adamw,
@@ -231,11 +235,10 @@ impl Optimizer {
         }
     }
 
-    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = loss.backward()?;
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
         match self {
-            Self::Adamw(o) => o.step(&grads)?,
-            Self::Sgd(o) => o.step(&grads)?,
+            Self::Adamw(o) => o.step(grads)?,
+            Self::Sgd(o) => o.step(grads)?,
         }
         Ok(())
     }
@@ -323,7 +326,22 @@ pub fn fine_tune(
         }
         Mode::Full => None,
     };
-    let mut optimizer = Optimizer::new(model.vars(mode == Mode::LinearProbe)?, cfg)?;
+    let (encoder_vars, head_vars) = model.vars()?;
+    let head_lr = match mode {
+        Mode::LinearProbe => cfg.lr,
+        Mode::Full => cfg.head_lr.unwrap_or(cfg.lr),
+    };
+    let mut optimizer = Optimizer::new(
+        head_vars,
+        &TrainConfig {
+            lr: head_lr,
+            ..cfg.clone()
+        },
+    )?;
+    let mut encoder_optimizer = match mode {
+        Mode::LinearProbe => None,
+        Mode::Full => Some(Optimizer::new(encoder_vars, cfg)?),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2));
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
@@ -341,7 +359,10 @@ pub fn fine_tune(
         let (mut loss_sum, mut hits) = (0.0, 0.0);
         for batch in order.chunks(cfg.batch_size) {
             let lr = lr_at(cfg, step, total_steps);
-            optimizer.set_lr(lr);
+            optimizer.set_lr(lr * head_lr / cfg.lr);
+            if let Some(o) = &mut encoder_optimizer {
+                o.set_lr(lr);
+            }
             let labels = labels_tensor(data, batch, &device)?;
             let features = match &frozen {
                 Some(all) => all.index_select(
@@ -356,7 +377,11 @@ pub fn fine_tune(
             };
             let logits = model.head_logits(&features)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            optimizer.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            optimizer.step(&grads)?;
+            if let Some(o) = &mut encoder_optimizer {
+                o.step(&grads)?;
+            }
             let batch_loss = loss.to_scalar::<f32>()? as f64;
             loss_sum += batch_loss * batch.len() as f64;
             hits += correct(&logits, &labels)?;

@@ -50,6 +50,9 @@ pub struct TrainArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Learning rate of the new head in end-to-end fine-tuning (default: --lr).
+    #[arg(long)]
+    pub head_lr: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// SGD momentum.
@@ -100,6 +103,7 @@ impl TrainArgs {
             epochs: self.epochs,
             batch_size: self.batch_size,
             lr: self.lr,
+            head_lr: self.head_lr,
             weight_decay: self.weight_decay,
             momentum: self.momentum,
             optimizer: self.optimizer,
