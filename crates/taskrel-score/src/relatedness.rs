@@ -382,6 +382,13 @@ struct Domain {
     members: Vec<Vec<usize>>,
 }
 
+impl Domain {
+    /// Label of sample `i` (0 for an unlabelled domain, which has a single pseudo-class).
+    fn label(&self, i: usize) -> usize {
+        self.labels.as_ref().map_or(0, |l| l[i] as usize)
+    }
+}
+
 /// Computes task-relatedness between `reference` (labelled) and `target` features.
 pub fn relatedness(
     reference: &FeatureSet,
@@ -594,14 +601,14 @@ pub fn relatedness(
     let zt_all = Tensor::from_slice(&t.z, (target.n, d), device)?;
     for _ in 0..iterations {
         // (1) Seeded batches.
-        let prior_now = to_f64(&candle_nn::ops::softmax(d_logits.as_tensor(), 0)?)?;
+        let prior_now = if learn_prior {
+            to_f64(&candle_nn::ops::softmax(d_logits.as_tensor(), 0)?)?
+        } else {
+            r.prior.clone()
+        };
         let mut ri = Vec::with_capacity(cfg.batch_size);
         for (j, pool) in r.members.iter().enumerate() {
-            let count = if learn_prior {
-                (cfg.batch_size as f64 * prior_now[j]).floor() as usize
-            } else {
-                (cfg.batch_size as f64 * r.prior[j]).floor() as usize
-            };
+            let count = (cfg.batch_size as f64 * prior_now[j]).floor() as usize;
             draw(pool, count, &mut rng, &mut ri);
         }
         let mut ti = Vec::with_capacity(cfg.batch_size);
@@ -689,15 +696,12 @@ pub fn relatedness(
             let prior = candle_nn::ops::softmax(d_logits.as_tensor(), 0)?;
             let ry = Tensor::from_vec(
                 plan.iter()
-                    .map(|p| r.labels.as_ref().map_or(0, |l| l[ri[p.0]]))
+                    .map(|p| r.label(ri[p.0]) as u32)
                     .collect::<Vec<u32>>(),
                 plan.len(),
                 device,
             )?;
-            let ty: Vec<u32> = plan
-                .iter()
-                .map(|p| t.labels.as_ref().map_or(0, |l| l[ti[p.1]]))
-                .collect();
+            let ty: Vec<u32> = plan.iter().map(|p| t.label(ti[p.1]) as u32).collect();
             let mut onehot = vec![0f32; plan.len() * t.k];
             for (row, &y) in ty.iter().enumerate() {
                 onehot[row * t.k + y as usize] = 1.0;
@@ -729,23 +733,9 @@ pub fn relatedness(
     } else {
         r.prior.clone()
     };
-    let a_host = a
-        .as_tensor()
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    let a_inv_host = a_inv
-        .as_tensor()
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    let shift_host = shift
-        .as_tensor()
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
+    let a_host = to_f64(a.as_tensor())?;
+    let a_inv_host = to_f64(a_inv.as_tensor())?;
+    let shift_host = to_f64(shift.as_tensor())?;
     let transform = |z: &[f32]| -> Vec<f32> {
         (0..d)
             .map(|o| {
@@ -805,9 +795,7 @@ pub fn relatedness(
                 &mut te,
             );
             let mut xs: Vec<usize> = (0..ref_eval.len())
-                .filter(|&p| {
-                    assigned[r.labels.as_ref().map_or(0, |l| l[ref_eval[p]]) as usize] == k
-                })
+                .filter(|&p| assigned[r.label(ref_eval[p])] == k)
                 .collect();
             if xs.is_empty() {
                 warnings.push(format!("no reference class maps to target class {k}: its Wasserstein block uses all reference samples"));
@@ -836,7 +824,7 @@ pub fn relatedness(
         let mut map = vec![vec![0f64; r.k]; r.k];
         let mut sent = vec![0f64; r.k];
         for &(i, l, v) in &plan {
-            let j = r.labels.as_ref().map_or(0, |lab| lab[ref_eval[i]]) as usize;
+            let j = r.label(ref_eval[i]);
             map[pseudo[l]][j] += v;
             sent[j] += v;
         }
@@ -977,10 +965,7 @@ fn initial_label_map(
     let mut map = vec![vec![0f64; r.k]; t.k];
     let mut sent = vec![0f64; r.k];
     for (i, l, v) in plan {
-        let (j, k) = (
-            r.labels.as_ref().map_or(0, |x| x[ri[i]]) as usize,
-            t.labels.as_ref().map_or(0, |x| x[ti[l]]) as usize,
-        );
+        let (j, k) = (r.label(ri[i]), t.label(ti[l]));
         map[k][j] += v;
         sent[j] += v;
     }
