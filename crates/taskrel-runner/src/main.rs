@@ -5,6 +5,7 @@ mod bench_cmd;
 mod data_cmd;
 mod model_cmd;
 mod relatedness_cmd;
+mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
