@@ -3,9 +3,15 @@
 
 mod bench_cmd;
 mod data_cmd;
+mod engine;
 mod model_cmd;
+mod plots;
 mod relatedness_cmd;
+mod results;
 mod stats;
+mod sweep;
+mod sweep_cmd;
+mod yaml;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -130,6 +136,61 @@ enum Command {
         #[command(subcommand)]
         what: Bench,
     },
+    /// Print the cells a sweep file expands to; runs nothing.
+    Plan {
+        /// Sweep file (configs/*.yaml).
+        sweep: PathBuf,
+        /// Folder of fetched datasets and weights.
+        #[arg(long, default_value = "data")]
+        data_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a sweep: train sources, extract features, score, fine-tune, correlate. Resumes
+    /// where a previous run stopped.
+    Run {
+        /// Sweep file (configs/*.yaml).
+        sweep: PathBuf,
+        /// Results go to <results>/<sweep name>/.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Folder of fetched datasets and weights.
+        #[arg(long, default_value = "data")]
+        data_root: PathBuf,
+        /// Cache of trained sources and features (default: <results>/.cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Run this cell only (an id from `taskrel plan`).
+        #[arg(long, conflicts_with = "shard")]
+        only: Option<String>,
+        /// Run shard I of N (every N-th cell from the I-th), e.g. 2/4.
+        #[arg(long, value_parser = sweep::parse_shard)]
+        shard: Option<(usize, usize)>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Re-render correlation.csv, summary.md and plots/ of a results folder from its CSV.
+    Report {
+        /// A results folder (results/<sweep>).
+        dir: PathBuf,
+        #[arg(long, default_value = "data")]
+        data_root: PathBuf,
+    },
+    /// Join the results folders of shards of one sweep.
+    Merge {
+        /// Results folders of the shards.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Folder to write the merged results to.
+        #[arg(long)]
+        into: PathBuf,
+        #[arg(long, default_value = "data")]
+        data_root: PathBuf,
+    },
     /// The pooled embedding of one text.
     Embed {
         #[arg(long)]
@@ -224,6 +285,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
         } => model_cmd::features(&model, &data, &split, per_class, seed, &run, &out),
         Command::Embed { model, text, run } => model_cmd::embed(&model, &text, &run),
+        Command::Plan {
+            sweep,
+            data_root,
+            json,
+        } => sweep_cmd::plan(&sweep, &data_root, json),
+        Command::Run {
+            sweep,
+            results,
+            data_root,
+            cache,
+            device,
+            only,
+            shard,
+            quiet,
+        } => sweep_cmd::run(
+            &sweep,
+            &sweep_cmd::RunOptions {
+                results,
+                data_root,
+                cache,
+                device,
+                only,
+                shard,
+                quiet,
+            },
+        ),
+        Command::Report { dir, data_root } => sweep_cmd::report(&dir, &data_root),
+        Command::Merge {
+            dirs,
+            into,
+            data_root,
+        } => sweep_cmd::merge(&dirs, &into, &data_root),
         Command::Bench {
             what: Bench::Emd { sizes, json },
         } => bench_cmd::emd(&sizes, json),

@@ -119,32 +119,38 @@ impl TrainArgs {
 const DERIVED_SPLIT_SEED: u64 = 0;
 const DERIVED_TEST_FRACTION: f64 = 0.2;
 
-/// Loads one split. A dataset with only one split on disk is divided deterministically, and
-/// both `train` and `test` then come from that division, so they never overlap.
+/// Loads the train and test splits of a dataset, with a label for each. A dataset with only
+/// one split on disk is divided deterministically, so the two never overlap.
+pub fn train_test(
+    name: DatasetName,
+    root: &Path,
+) -> anyhow::Result<((Dataset, String), (Dataset, String))> {
+    let splits = taskrel_data::load(name, root)?;
+    if let (Some(train), Some(test)) = (&splits.train, &splits.test) {
+        return Ok((
+            (train.clone(), format!("{name}/train")),
+            (test.clone(), format!("{name}/test")),
+        ));
+    }
+    let (only_name, only) = splits.iter().next().context("no split on disk")?;
+    let (train, test) = only.split(DERIVED_TEST_FRACTION, DERIVED_SPLIT_SEED)?;
+    let derived = |split: &str| {
+        format!(
+            "{name}/{split} (derived: stratified 80/20 split of the {} split, the only one on disk, seed 0)",
+            only_name.as_str()
+        )
+    };
+    Ok(((train, derived("train")), (test, derived("test"))))
+}
+
+/// Loads one split (see [`train_test`]).
 pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset, String)> {
     let root = args
         .root
         .clone()
         .unwrap_or_else(|| args.data_root.join(args.dataset.as_str()));
-    let splits = taskrel_data::load(args.dataset, &root)?;
-    let label = format!("{}/{}", args.dataset, split.as_str());
-    if splits.train.is_some() && splits.test.is_some() {
-        return Ok((splits.get(split)?.clone(), label));
-    }
-    let (only_name, only) = splits.iter().next().context("no split on disk")?;
-    let (train, test) = only.split(DERIVED_TEST_FRACTION, DERIVED_SPLIT_SEED)?;
-    let derived = format!(
-        "{label} (derived: stratified 80/20 split of the {} split, the only one on disk, seed 0)",
-        only_name.as_str()
-    );
-    Ok((
-        if split == SplitName::Train {
-            train
-        } else {
-            test
-        },
-        derived,
-    ))
+    let (train, test) = train_test(args.dataset, &root)?;
+    Ok(if split == SplitName::Train { train } else { test })
 }
 
 fn parse_split(s: &str) -> anyhow::Result<SplitName> {

@@ -1,0 +1,466 @@
+//! Running the cells of a [`Plan`]: source models trained or loaded, features extracted, scores
+//! computed and targets fine-tuned, with models and features cached by content.
+//!
+//! Cache layout (under `--cache`, default `<results>/.cache`):
+//! - `models/<key>/`: a trained source checkpoint, key = sha256 of the base model's weights
+//!   hash, the training dataset and the training settings (seed included), plus
+//!   `source.json` with its test accuracy;
+//! - `features/<key>.safetensors`: key = sha256 of the weights hash, dataset, split, class
+//!   subset, sample indices and the preprocessing description.
+//!
+//! Everything is written beside its final name and renamed into place, so a killed run never
+//! leaves a half-written entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use taskrel_data::{Dataset, DatasetName};
+use taskrel_models::train::{self, TrainConfig};
+use taskrel_models::{LoadOptions, Model, ModelRef};
+use taskrel_score::FeatureSet;
+
+use crate::sweep::{Cell, Plan, ScoreKind, Source};
+
+/// Bump when cached content would change for the same key.
+const CACHE_VERSION: &str = "taskrel-cache-1";
+
+/// One row of `cells.csv`: column -> number or text.
+pub type Row = BTreeMap<String, Value>;
+
+/// Hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hash_file(path: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Content hash of a model's weights: the file, or a folder's weight and config files.
+fn weights_hash(from: &str) -> anyhow::Result<String> {
+    let mut hasher = Sha256::new();
+    let path = Path::new(from);
+    if path.is_file() {
+        hash_file(path, &mut hasher)?;
+    } else if path.is_dir() {
+        for name in ["model.safetensors", "config.json", "taskrel.json"] {
+            let p = path.join(name);
+            if p.is_file() {
+                hasher.update(name.as_bytes());
+                hash_file(&p, &mut hasher)?;
+            }
+        }
+    } else {
+        // `lenet200` (weights drawn from the seed) or a hub id.
+        hasher.update(from.as_bytes());
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// A source model ready to use for one seed.
+#[derive(Clone, Debug)]
+struct ReadySource {
+    reference: ModelRef,
+    weights: String,
+    test_accuracy: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SourceRecord {
+    test_accuracy: Option<f64>,
+    seconds: f64,
+}
+
+/// Runs cells, holding loaded datasets and cache locations.
+#[derive(Debug)]
+pub struct Engine<'a> {
+    plan: &'a Plan,
+    data_root: PathBuf,
+    cache: PathBuf,
+    device: Device,
+    datasets: HashMap<DatasetName, (Dataset, Dataset)>,
+    sources: HashMap<(String, u64), ReadySource>,
+    /// Seconds spent per stage in this process.
+    pub stage_seconds: BTreeMap<String, f64>,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(plan: &'a Plan, data_root: &Path, cache: &Path, device: Device) -> Self {
+        Self {
+            plan,
+            data_root: data_root.to_path_buf(),
+            cache: cache.to_path_buf(),
+            device,
+            datasets: HashMap::new(),
+            sources: HashMap::new(),
+            stage_seconds: BTreeMap::new(),
+        }
+    }
+
+    fn options(&self, seed: u64) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            seed,
+            max_len: self.plan.sweep.max_len,
+            hub_cache: None,
+        }
+    }
+
+    fn load_model(&self, reference: &ModelRef, seed: u64) -> anyhow::Result<Model> {
+        taskrel_models::load(reference, &self.options(seed))
+            .with_context(|| format!("loading model {reference}"))
+    }
+
+    /// Train and test splits of a dataset, loaded once.
+    fn dataset(&mut self, name: DatasetName) -> anyhow::Result<&(Dataset, Dataset)> {
+        if !self.datasets.contains_key(&name) {
+            let root = self.data_root.join(name.as_str());
+            let ((train, _), (test, _)) = crate::model_cmd::train_test(name, &root)?;
+            self.datasets.insert(name, (train, test));
+        }
+        self.datasets
+            .get(&name)
+            .context("dataset vanished from the engine's table")
+    }
+
+    fn add_time(&mut self, stage: &str, since: Instant) -> f64 {
+        let s = since.elapsed().as_secs_f64();
+        *self.stage_seconds.entry(stage.to_string()).or_default() += s;
+        s
+    }
+
+    /// The source model of `source` for `seed`: trained (or fine-tuned) and cached when it has
+    /// `train_on`, else the given weights.
+    fn source(&mut self, source: &Source, seed: u64) -> anyhow::Result<ReadySource> {
+        if let Some(ready) = self.sources.get(&(source.name.clone(), seed)) {
+            return Ok(ready.clone());
+        }
+        let base: ModelRef = source.from.parse()?;
+        let base_hash = weights_hash(&source.from)?;
+        let ready = match source.train_on {
+            None => {
+                let test_accuracy = match source.reference {
+                    Some(d) => self.source_accuracy(&base, &base_hash, d)?,
+                    None => None,
+                };
+                ReadySource {
+                    reference: base,
+                    weights: base_hash,
+                    test_accuracy,
+                }
+            }
+            Some(train_on) => {
+                let mut cfg: TrainConfig = self.plan.sweep.pretrain.clone();
+                cfg.seed = seed;
+                let key = sha256_hex(
+                    serde_json::to_string(&json!({
+                        "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.as_str(),
+                        "config": cfg, "max_len": self.plan.sweep.max_len,
+                    }))?
+                    .as_bytes(),
+                );
+                let dir = self.cache.join("models").join(&key);
+                let record_path = dir.join("source.json");
+                if !record_path.is_file() {
+                    self.train_source(&base, &source.from, train_on, &cfg, &dir)?;
+                }
+                let record: SourceRecord = serde_json::from_slice(
+                    &std::fs::read(&record_path)
+                        .with_context(|| format!("reading {}", record_path.display()))?,
+                )
+                .with_context(|| format!("parsing {}", record_path.display()))?;
+                ReadySource {
+                    weights: weights_hash(&dir.display().to_string())?,
+                    reference: ModelRef::Path(dir),
+                    test_accuracy: record.test_accuracy,
+                }
+            }
+        };
+        self.sources
+            .insert((source.name.clone(), seed), ready.clone());
+        Ok(ready)
+    }
+
+    fn train_source(
+        &mut self,
+        base: &ModelRef,
+        from: &str,
+        train_on: DatasetName,
+        cfg: &TrainConfig,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut model = self.load_model(base, cfg.seed)?;
+        let (train_set, test_set) = self.dataset(train_on)?.clone();
+        if *base == ModelRef::Lenet200 {
+            train::train(&mut model, &train_set, cfg, true)?;
+        } else {
+            train::fine_tune(&mut model, &train_set, train::Mode::Full, cfg, true)?;
+        }
+        let test = train::evaluate(&model, &test_set, 256, true)?;
+        model.spec.origin = format!("{from} trained on {train_on}/train (seed {})", cfg.seed);
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        model.save(&tmp)?;
+        let record = SourceRecord {
+            test_accuracy: Some(test.accuracy),
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        write_atomic(
+            &tmp.join("source.json"),
+            serde_json::to_string_pretty(&record)?.as_bytes(),
+        )?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+        self.add_time("source", start);
+        Ok(())
+    }
+
+    /// Test accuracy of a given model's own head on its reference task, when the head fits.
+    fn source_accuracy(
+        &mut self,
+        base: &ModelRef,
+        hash: &str,
+        reference: DatasetName,
+    ) -> anyhow::Result<Option<f64>> {
+        let path = self
+            .cache
+            .join("source-eval")
+            .join(format!("{hash}-{reference}.json"));
+        if let Ok(bytes) = std::fs::read(&path) {
+            let record: SourceRecord = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            return Ok(record.test_accuracy);
+        }
+        let start = Instant::now();
+        let model = self.load_model(base, 0)?;
+        let test_set = self.dataset(reference)?.1.clone();
+        let accuracy = if model.spec.num_classes() == test_set.num_classes() {
+            Some(train::evaluate(&model, &test_set, 256, true)?.accuracy)
+        } else {
+            None
+        };
+        let record = SourceRecord {
+            test_accuracy: accuracy,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        write_atomic(&path, serde_json::to_string_pretty(&record)?.as_bytes())?;
+        self.add_time("source", start);
+        Ok(accuracy)
+    }
+
+    /// Features of `data[indices]`, from the cache when present.
+    fn features(
+        &mut self,
+        model: &Model,
+        weights: &str,
+        label: &str,
+        data: &Dataset,
+        indices: &[usize],
+    ) -> anyhow::Result<FeatureSet> {
+        let preprocessing = model.preprocessing(data)?;
+        let key = sha256_hex(
+            serde_json::to_string(&json!({
+                "version": CACHE_VERSION, "weights": weights, "data": label,
+                "indices": indices, "preprocessing": preprocessing,
+            }))?
+            .as_bytes(),
+        );
+        let path = self
+            .cache
+            .join("features")
+            .join(format!("{key}.safetensors"));
+        if path.is_file() {
+            return Ok(FeatureSet::load(&path)?);
+        }
+        let start = Instant::now();
+        let tensor = train::features(model, data, indices, 256, true)?;
+        let (n, d) = tensor.dims2()?;
+        let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+        let labels: Vec<u32> = indices.iter().map(|&i| data.labels[i]).collect();
+        let metadata = BTreeMap::from([
+            ("dataset".to_string(), label.to_string()),
+            ("preprocessing".to_string(), preprocessing),
+            ("weights_sha256".to_string(), weights.to_string()),
+        ]);
+        let set = FeatureSet::new(values, n, d, Some(labels), data.classes.clone(), metadata)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        set.save(&tmp)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        self.add_time("features", start);
+        Ok(set)
+    }
+
+    /// Runs one cell; `stage` is told what is happening.
+    pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
+        let plan = self.plan;
+        let source = &plan.sources[&cell.model];
+        let target = &plan.targets[&cell.target];
+        let mut row = Row::new();
+        row.insert("cell".into(), json!(cell.id));
+        row.insert("model".into(), json!(cell.model));
+        row.insert("target".into(), json!(cell.target));
+        row.insert("seed".into(), json!(cell.seed));
+
+        stage("source model");
+        let t = Instant::now();
+        let ready = self.source(source, cell.seed)?;
+        row.insert("seconds_source".into(), json!(t.elapsed().as_secs_f64()));
+        row.insert("source_test_accuracy".into(), num(ready.test_accuracy));
+
+        let (target_train, target_test) = {
+            let (train_set, test_set) = self.dataset(target.dataset)?;
+            match &target.classes {
+                Some(c) => (train_set.subset_classes(c)?, test_set.subset_classes(c)?),
+                None => (train_set.clone(), test_set.clone()),
+            }
+        };
+        let subset = target
+            .classes
+            .as_ref()
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "all".into());
+
+        if !plan.scores.is_empty() {
+            stage("features");
+            let t = Instant::now();
+            let reference = source
+                .reference
+                .context("a scored model needs a reference task")?;
+            row.insert("reference".into(), json!(reference.as_str()));
+            let model = self.load_model(&ready.reference, cell.seed)?;
+            let ref_train = self.dataset(reference)?.0.clone();
+            let ref_idx =
+                ref_train.sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
+            let ref_feats = self.features(
+                &model,
+                &ready.weights,
+                &format!("{reference}/train"),
+                &ref_train,
+                &ref_idx,
+            )?;
+            let tgt_idx =
+                target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?;
+            let tgt_feats = self.features(
+                &model,
+                &ready.weights,
+                &format!("{}/train classes {subset}", target.dataset),
+                &target_train,
+                &tgt_idx,
+            )?;
+            row.insert("n_reference".into(), json!(ref_feats.n));
+            row.insert("n_target".into(), json!(tgt_feats.n));
+            row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
+            drop(model);
+
+            for &kind in &plan.scores {
+                stage(kind.as_str());
+                let t = Instant::now();
+                let mut cfg = plan.sweep.score.relatedness.clone();
+                cfg.seed = cell.seed;
+                cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
+                let report = taskrel_score::relatedness(&ref_feats, &tgt_feats, &cfg, &self.device)?;
+                let values = match kind {
+                    ScoreKind::Relatedness => vec![
+                        report.bound,
+                        report.reference_loss,
+                        report.label_entropy,
+                        report.wasserstein,
+                        report.distribution_term,
+                        report.tau,
+                        report.target_accuracy.unwrap_or(f64::NAN),
+                    ],
+                    ScoreKind::RelatednessUnlabeled => vec![
+                        report.bound,
+                        report.reference_loss,
+                        report.label_entropy,
+                        report.wasserstein,
+                        report.distribution_term,
+                        report.pseudo_label_accuracy.unwrap_or(f64::NAN),
+                    ],
+                };
+                for (col, v) in kind.columns().iter().zip(values) {
+                    row.insert(col.to_string(), num(Some(v)));
+                }
+                let secs = self.add_time(kind.as_str(), t);
+                row.insert(format!("seconds_{}", kind.as_str()), json!(secs));
+            }
+        }
+
+        let test_set = match plan.sweep.measure.test_per_class {
+            Some(n) => target_test.take_per_class(n, cell.seed)?,
+            None => target_test,
+        };
+        for &mode in &plan.sweep.measure.modes {
+            stage(&format!("fine-tune {}", mode.as_str()));
+            let t = Instant::now();
+            let mut model = self.load_model(&ready.reference, cell.seed)?;
+            let mut cfg = plan.sweep.finetune.clone();
+            cfg.seed = cell.seed;
+            train::fine_tune(&mut model, &target_train, mode, &cfg, true)?;
+            let eval = train::evaluate(&model, &test_set, 256, true)?;
+            row.insert(format!("accuracy_{}", mode.as_str()), json!(eval.accuracy));
+            row.insert(format!("loss_{}", mode.as_str()), num(Some(eval.loss)));
+            let secs = self.add_time(mode.as_str(), t);
+            row.insert(format!("seconds_{}", mode.as_str()), json!(secs));
+        }
+        Ok(row)
+    }
+}
+
+/// A number, or null when absent or not finite (JSON has no NaN).
+fn num(v: Option<f64>) -> Value {
+    match v {
+        Some(v) if v.is_finite() => json!(v),
+        _ => Value::Null,
+    }
+}

@@ -1,0 +1,410 @@
+//! The results folder of a sweep: finished cells, `cells.csv`, `correlation.csv`,
+//! `summary.md` and `plots/`.
+//!
+//! Each finished cell is one file `cells/<cell>.json`, written beside and renamed into place:
+//! a run killed at any moment leaves whole cells only, and a rerun skips them. `cells.csv` is
+//! rebuilt from those files in plan order after every cell (again through a rename), so it
+//! never holds a partial or duplicated row. Tables and plots are rendered from `cells.csv`
+//! alone, which is what `taskrel report` does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::engine::{Row, write_atomic};
+use crate::stats::{self, Estimate};
+use crate::sweep::{Correlation, GroupBy, higher_is_better};
+
+/// Bootstrap resamples and seed of every confidence interval.
+const BOOTSTRAP_RESAMPLES: usize = 1000;
+const BOOTSTRAP_SEED: u64 = 0;
+
+/// The finished cells of a results folder.
+#[derive(Debug)]
+pub struct Store {
+    pub dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn cells_dir(&self) -> PathBuf {
+        self.dir.join("cells")
+    }
+
+    fn cell_path(&self, id: &str) -> PathBuf {
+        self.cells_dir().join(format!("{id}.json"))
+    }
+
+    pub fn is_done(&self, id: &str) -> bool {
+        self.cell_path(id).is_file()
+    }
+
+    /// Records a finished cell.
+    pub fn put(&self, id: &str, row: &Row) -> anyhow::Result<()> {
+        write_atomic(
+            &self.cell_path(id),
+            serde_json::to_string_pretty(row)?.as_bytes(),
+        )
+    }
+
+    /// All finished cells by id.
+    pub fn rows(&self) -> anyhow::Result<BTreeMap<String, Row>> {
+        let mut rows = BTreeMap::new();
+        let dir = self.cells_dir();
+        if !dir.is_dir() {
+            return Ok(rows);
+        }
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let row: Row = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?;
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            rows.insert(id, row);
+        }
+        Ok(rows)
+    }
+}
+
+fn format_value(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f}"),
+            _ => n.to_string(),
+        },
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Writes `cells.csv` with `columns`, one row per id of `order` that has finished.
+pub fn write_cells_csv(
+    path: &Path,
+    columns: &[String],
+    order: &[String],
+    rows: &BTreeMap<String, Row>,
+) -> anyhow::Result<usize> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(columns)?;
+    let mut written = 0;
+    for id in order {
+        if let Some(row) = rows.get(id) {
+            w.write_record(columns.iter().map(|c| format_value(row.get(c))))?;
+            written += 1;
+        }
+    }
+    let bytes = w.into_inner().context("writing cells.csv")?;
+    write_atomic(path, &bytes)?;
+    Ok(written)
+}
+
+/// `cells.csv` read back: column names and rows of text.
+#[derive(Debug)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let mut r = csv::Reader::from_path(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let columns: Vec<String> = r
+            .headers()
+            .with_context(|| format!("reading {}", path.display()))?
+            .iter()
+            .map(String::from)
+            .collect();
+        let mut rows = Vec::new();
+        for (i, record) in r.records().enumerate() {
+            let record =
+                record.with_context(|| format!("{}: line {}", path.display(), i + 2))?;
+            rows.push(record.iter().map(String::from).collect());
+        }
+        Ok(Self { columns, rows })
+    }
+
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == name)
+    }
+
+    fn text(&self, row: usize, name: &str) -> &str {
+        self.column(name)
+            .and_then(|c| self.rows[row].get(c))
+            .map_or("", |s| s.as_str())
+    }
+
+    fn number(&self, row: usize, name: &str) -> f64 {
+        self.text(row, name).parse().unwrap_or(f64::NAN)
+    }
+}
+
+/// One line of `correlation.csv`.
+#[derive(Debug)]
+pub struct CorrelationRow {
+    pub score: String,
+    pub measure: String,
+    pub group_by: String,
+    pub group: String,
+    pub n: usize,
+    pub pearson: Estimate,
+    pub spearman: Estimate,
+    pub kendall: Estimate,
+    pub weighted_tau: f64,
+    pub top1_relative: f64,
+    /// Points for the plot: raw score, accuracy.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Correlations of each configured score with its measured accuracy, per group. Scores are
+/// oriented so that larger predicts better (the bound is negated): a good score correlates
+/// positively.
+pub fn correlations(table: &Table, specs: &[Correlation]) -> Vec<CorrelationRow> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let measure = format!("accuracy_{}", spec.measure.as_str());
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for i in 0..table.rows.len() {
+            let key = match spec.group_by {
+                GroupBy::All => "all".to_string(),
+                GroupBy::Target => table.text(i, "target").to_string(),
+                GroupBy::Model => table.text(i, "model").to_string(),
+                GroupBy::Seed => table.text(i, "seed").to_string(),
+            };
+            groups.entry(key).or_default().push(i);
+        }
+        let sign = if higher_is_better(&spec.score) {
+            1.0
+        } else {
+            -1.0
+        };
+        let mut per_group = Vec::new();
+        for (group, members) in groups {
+            let mut points = Vec::new();
+            for &i in &members {
+                let (s, a) = (table.number(i, &spec.score), table.number(i, &measure));
+                if s.is_finite() && a.is_finite() {
+                    points.push((s, a));
+                }
+            }
+            let x: Vec<f64> = points.iter().map(|p| sign * p.0).collect();
+            let y: Vec<f64> = points.iter().map(|p| p.1).collect();
+            let boot = |f| stats::bootstrap(&x, &y, f, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED);
+            per_group.push(CorrelationRow {
+                score: spec.score.clone(),
+                measure: spec.measure.as_str().to_string(),
+                group_by: spec.group_by.as_str().to_string(),
+                group,
+                n: points.len(),
+                pearson: boot(stats::pearson),
+                spearman: boot(stats::spearman),
+                kendall: boot(stats::kendall_tau_b),
+                weighted_tau: stats::weighted_tau(&x, &y),
+                top1_relative: stats::top1_relative(&x, &y),
+                points,
+            });
+        }
+        if per_group.len() > 1 {
+            let mean = |f: &dyn Fn(&CorrelationRow) -> f64| {
+                let v: Vec<f64> = per_group.iter().map(f).filter(|v| v.is_finite()).collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }
+            };
+            let point = |value: f64| Estimate {
+                value,
+                low: f64::NAN,
+                high: f64::NAN,
+            };
+            let row = CorrelationRow {
+                score: spec.score.clone(),
+                measure: spec.measure.as_str().to_string(),
+                group_by: spec.group_by.as_str().to_string(),
+                group: "mean".to_string(),
+                n: per_group.iter().map(|r| r.n).sum(),
+                pearson: point(mean(&|r| r.pearson.value)),
+                spearman: point(mean(&|r| r.spearman.value)),
+                kendall: point(mean(&|r| r.kendall.value)),
+                weighted_tau: mean(&|r| r.weighted_tau),
+                top1_relative: mean(&|r| r.top1_relative),
+                points: Vec::new(),
+            };
+            per_group.push(row);
+        }
+        out.extend(per_group);
+    }
+    out
+}
+
+fn f(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        String::new()
+    }
+}
+
+pub fn write_correlation_csv(path: &Path, rows: &[CorrelationRow]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "score",
+        "measure",
+        "group_by",
+        "group",
+        "n",
+        "pearson",
+        "pearson_low",
+        "pearson_high",
+        "spearman",
+        "spearman_low",
+        "spearman_high",
+        "kendall_tau_b",
+        "kendall_low",
+        "kendall_high",
+        "weighted_tau",
+        "top1_relative_accuracy",
+    ])?;
+    for r in rows {
+        w.write_record([
+            r.score.clone(),
+            r.measure.clone(),
+            r.group_by.clone(),
+            r.group.clone(),
+            r.n.to_string(),
+            f(r.pearson.value),
+            f(r.pearson.low),
+            f(r.pearson.high),
+            f(r.spearman.value),
+            f(r.spearman.low),
+            f(r.spearman.high),
+            f(r.kendall.value),
+            f(r.kendall.low),
+            f(r.kendall.high),
+            f(r.weighted_tau),
+            f(r.top1_relative),
+        ])?;
+    }
+    write_atomic(path, &w.into_inner().context("writing correlation.csv")?)
+}
+
+fn with_interval(e: &Estimate) -> String {
+    if e.low.is_finite() && e.high.is_finite() {
+        format!("{} [{}, {}]", f(e.value), f(e.low), f(e.high))
+    } else {
+        f(e.value)
+    }
+}
+
+/// The markdown table of correlations.
+pub fn correlation_markdown(rows: &[CorrelationRow]) -> String {
+    let mut md = String::from(
+        "| score | accuracy after | group | n | Pearson [95 % CI] | Spearman [95 % CI] | Kendall tau-b [95 % CI] | weighted tau | top-1 rel. acc. |\n|---|---|---|---:|---|---|---|---:|---:|\n",
+    );
+    for r in rows {
+        let group = if r.group_by == "all" {
+            "all".to_string()
+        } else {
+            format!("{} = {}", r.group_by, r.group)
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.score,
+            r.measure,
+            group,
+            r.n,
+            with_interval(&r.pearson),
+            with_interval(&r.spearman),
+            with_interval(&r.kendall),
+            f(r.weighted_tau),
+            f(r.top1_relative)
+        );
+    }
+    md
+}
+
+/// Columns of the per-cell table in `summary.md`: ids, score columns, accuracies.
+fn summary_columns(table: &Table) -> Vec<String> {
+    table
+        .columns
+        .iter()
+        .filter(|c| {
+            !c.starts_with("seconds_")
+                && !matches!(c.as_str(), "cell" | "n_reference" | "n_target")
+                && !c.starts_with("loss_")
+        })
+        .cloned()
+        .collect()
+}
+
+/// `summary.md`: the sweep, its cells and its correlations.
+pub fn summary_markdown(
+    name: &str,
+    description: &str,
+    table: &Table,
+    corr: &[CorrelationRow],
+    cells_planned: usize,
+) -> String {
+    let mut md = format!("# Sweep `{name}`\n\n");
+    if !description.trim().is_empty() {
+        let _ = writeln!(md, "{}\n", description.trim());
+    }
+    let _ = writeln!(
+        md,
+        "{} of {} cells finished. Accuracies are measured on the target's test split after \
+         fine-tuning; `bound` is the task-relatedness bound (smaller predicts better transfer).\n",
+        table.rows.len(),
+        cells_planned
+    );
+    md.push_str("## Correlation with measured accuracy\n\n");
+    md.push_str(
+        "Scores are oriented so that larger predicts better (bounds and their terms are negated), \
+         so a useful score has positive coefficients. Intervals: 95 % percentile bootstrap over \
+         cells (1000 resamples, seed 0). Weighted tau: scipy's `weightedtau` defaults. Top-1 \
+         relative accuracy: accuracy of the top-scored cell over the best accuracy in the group.\n\n",
+    );
+    if corr.is_empty() {
+        md.push_str("No correlations configured.\n\n");
+    } else {
+        md.push_str(&correlation_markdown(corr));
+        md.push('\n');
+    }
+    md.push_str("## Cells\n\n");
+    let cols = summary_columns(table);
+    let _ = writeln!(md, "| {} |", cols.join(" | "));
+    let _ = writeln!(md, "|{}|", vec!["---"; cols.len()].join("|"));
+    for i in 0..table.rows.len() {
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| {
+                let t = table.text(i, c);
+                match t.parse::<f64>() {
+                    // `+ 0.0` turns -0 into 0.
+                    Ok(v) if c != "seed" => f(v + 0.0),
+                    _ => t.to_string(),
+                }
+            })
+            .collect();
+        let _ = writeln!(md, "| {} |", cells.join(" | "));
+    }
+    md
+}

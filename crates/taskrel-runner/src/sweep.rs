@@ -1,0 +1,738 @@
+//! Sweep files: the YAML as written ([`Sweep`], unknown keys rejected) and the validated
+//! [`Plan`] of cells built from it before any compute.
+//!
+//! A sweep names source models and targets, crosses them (and seeds) into cells, and says how
+//! sources are pre-trained, how targets are fine-tuned to measure accuracy, which scores are
+//! computed and which correlations are reported. `configs/smoke.yaml` is a short example;
+//! README "Sweeps" documents every key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+use taskrel_data::{DatasetName, Modality};
+use taskrel_models::train::{Mode, TrainConfig};
+use taskrel_score::RelatednessConfig;
+
+/// A sweep file as written. Every struct rejects unknown keys.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// Name of the results folder `results/<name>/`.
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub description: String,
+    /// Source models by name.
+    pub models: BTreeMap<String, ModelDef>,
+    /// Targets by name.
+    pub targets: BTreeMap<String, TargetDef>,
+    pub grid: Grid,
+    /// Cells to leave out: every given key must match.
+    #[serde(default)]
+    pub exclude: Vec<Exclude>,
+    /// How sources with `train_on` are trained (the seed is the cell's).
+    #[serde(default)]
+    pub pretrain: TrainConfig,
+    /// How targets are fine-tuned to measure accuracy (the seed is the cell's).
+    #[serde(default)]
+    pub finetune: TrainConfig,
+    #[serde(default)]
+    pub measure: MeasureDef,
+    #[serde(default)]
+    pub score: ScoreDef,
+    #[serde(default)]
+    pub correlations: Vec<CorrelationDef>,
+    /// Longest token sequence for text models.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+fn default_max_len() -> usize {
+    128
+}
+
+/// A source model.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDef {
+    /// `lenet200`, a file or folder (relative paths are looked up under the data root
+    /// first), or `hf:org/name`.
+    pub from: Spanned<String>,
+    /// Train (`lenet200`: from scratch) or fine-tune end to end (anything else) on this
+    /// dataset's train split first, with the `pretrain` settings.
+    #[serde(default)]
+    pub train_on: Option<Spanned<String>>,
+    /// The reference task: the dataset the model was trained on (default: `train_on`).
+    #[serde(default)]
+    pub reference: Option<Spanned<String>>,
+}
+
+/// A target task.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetDef {
+    pub dataset: Spanned<String>,
+    /// Keep these classes only (relabelled 0..k in the given order).
+    #[serde(default)]
+    pub classes: Option<Spanned<Vec<u32>>>,
+}
+
+/// The Cartesian product of cells.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    pub model: Vec<Spanned<String>>,
+    pub target: Vec<Spanned<String>>,
+    #[serde(default = "default_seeds")]
+    pub seed: Vec<u64>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// A pattern of cells to leave out.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exclude {
+    #[serde(default)]
+    pub model: Option<Spanned<String>>,
+    #[serde(default)]
+    pub target: Option<Spanned<String>>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// What is measured on each target.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasureDef {
+    /// Fine-tuning modes whose test accuracy is measured.
+    pub modes: Vec<Mode>,
+    /// Test samples per class (seeded) the accuracy is measured on; all when absent.
+    pub test_per_class: Option<usize>,
+}
+
+impl Default for MeasureDef {
+    fn default() -> Self {
+        Self {
+            modes: vec![Mode::LinearProbe],
+            test_per_class: None,
+        }
+    }
+}
+
+/// What is scored on each cell.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoreDef {
+    pub scores: Vec<Spanned<String>>,
+    /// Reference samples per class (from the reference task's train split).
+    pub reference_per_class: usize,
+    /// Target samples per class the scores see (from the target's train split).
+    pub target_per_class: usize,
+    /// Estimator settings (its `seed` and `unlabeled` are set per cell and score).
+    pub relatedness: RelatednessConfig,
+}
+
+impl Default for ScoreDef {
+    fn default() -> Self {
+        Self {
+            scores: vec![unplaced("relatedness".to_string())],
+            reference_per_class: 100,
+            target_per_class: 50,
+            relatedness: RelatednessConfig::default(),
+        }
+    }
+}
+
+/// One correlation table.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelationDef {
+    /// A score column, e.g. `bound` or `bound_unlabeled`.
+    pub score: Spanned<String>,
+    /// A fine-tuning mode whose accuracy is the ground truth.
+    pub measure: Spanned<String>,
+    /// `all`, `target`, `model` or `seed`.
+    #[serde(default = "default_group")]
+    pub group_by: Spanned<String>,
+}
+
+/// A value with no place in the file (a default).
+fn unplaced<T>(value: T) -> Spanned<T> {
+    Spanned::new(
+        value,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+fn default_group() -> Spanned<String> {
+    unplaced("all".to_string())
+}
+
+/// Scores a sweep can compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreKind {
+    /// Task-relatedness with target labels.
+    Relatedness,
+    /// Task-relatedness without target labels.
+    RelatednessUnlabeled,
+}
+
+impl ScoreKind {
+    pub const ALL: [ScoreKind; 2] = [Self::Relatedness, Self::RelatednessUnlabeled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relatedness => "relatedness",
+            Self::RelatednessUnlabeled => "relatedness_unlabeled",
+        }
+    }
+
+    /// The `cells.csv` columns this score writes, the first one being the score itself.
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Relatedness => &[
+                "bound",
+                "reference_loss",
+                "label_entropy",
+                "wasserstein",
+                "distribution_term",
+                "tau",
+                "transformed_accuracy",
+            ],
+            Self::RelatednessUnlabeled => &[
+                "bound_unlabeled",
+                "reference_loss_unlabeled",
+                "label_entropy_unlabeled",
+                "wasserstein_unlabeled",
+                "distribution_term_unlabeled",
+                "pseudo_label_accuracy",
+            ],
+        }
+    }
+}
+
+/// Whether a larger value of a score column predicts better transfer (the bound: smaller is
+/// better). Correlations are reported on scores oriented this way.
+pub fn higher_is_better(column: &str) -> bool {
+    !matches!(
+        column,
+        "bound"
+            | "bound_unlabeled"
+            | "reference_loss"
+            | "reference_loss_unlabeled"
+            | "label_entropy"
+            | "label_entropy_unlabeled"
+            | "wasserstein"
+            | "wasserstein_unlabeled"
+            | "distribution_term"
+            | "distribution_term_unlabeled"
+    )
+}
+
+/// How a source model is obtained.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub name: String,
+    /// `lenet200`, a resolved path, or `hf:org/name`.
+    pub from: String,
+    pub modality: Modality,
+    pub train_on: Option<DatasetName>,
+    pub reference: Option<DatasetName>,
+}
+
+/// A target task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub dataset: DatasetName,
+    pub classes: Option<Vec<u32>>,
+}
+
+/// One unit of work: a source model, a target and a seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    pub id: String,
+    pub model: String,
+    pub target: String,
+    pub seed: u64,
+}
+
+/// How cells are grouped for a correlation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    All,
+    Target,
+    Model,
+    Seed,
+}
+
+impl GroupBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Target => "target",
+            Self::Model => "model",
+            Self::Seed => "seed",
+        }
+    }
+}
+
+/// One correlation to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Correlation {
+    pub score: String,
+    pub measure: Mode,
+    pub group_by: GroupBy,
+}
+
+/// A validated sweep.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: String,
+    pub sources: BTreeMap<String, Source>,
+    pub targets: BTreeMap<String, Target>,
+    pub cells: Vec<Cell>,
+    pub scores: Vec<ScoreKind>,
+    pub correlations: Vec<Correlation>,
+    /// The sweep with every default filled in, as parsed.
+    pub sweep: Sweep,
+}
+
+/// An error at a place in the sweep file.
+fn at<T>(path: &Path, spanned: &Spanned<T>, key: &str, message: impl fmt::Display) -> anyhow::Error {
+    let loc = spanned.referenced;
+    if loc.line() == 0 {
+        anyhow::anyhow!("{}: {key}: {message}", path.display())
+    } else {
+        anyhow::anyhow!(
+            "{}:{}:{}: {key}: {message}",
+            path.display(),
+            loc.line(),
+            loc.column()
+        )
+    }
+}
+
+fn dataset(path: &Path, key: &str, name: &Spanned<String>) -> anyhow::Result<DatasetName> {
+    name.value
+        .parse::<DatasetName>()
+        .map_err(|e| at(path, name, key, e))
+}
+
+fn names<V>(map: &BTreeMap<String, V>) -> String {
+    map.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// Resolves a model's `from`, checking that local files exist.
+fn resolve_from(
+    path: &Path,
+    key: &str,
+    from: &Spanned<String>,
+    data_root: &Path,
+    check_files: bool,
+) -> anyhow::Result<(String, Modality)> {
+    let value = from.value.as_str();
+    if value == "lenet200" {
+        return Ok((value.to_string(), Modality::Image));
+    }
+    if value.starts_with("hf:") {
+        return Ok((value.to_string(), Modality::Text));
+    }
+    if !check_files {
+        let modality = if value.ends_with(".pth") {
+            Modality::Image
+        } else {
+            Modality::Text
+        };
+        return Ok((value.to_string(), modality));
+    }
+    let given = PathBuf::from(value);
+    let resolved = [data_root.join(&given), given.clone()]
+        .into_iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            at(
+                path,
+                from,
+                key,
+                format!(
+                    "no such file or folder {value:?} (looked under {} and the working directory)",
+                    data_root.display()
+                ),
+            )
+        })?;
+    let modality = if resolved.is_dir() && resolved.join("config.json").is_file() {
+        Modality::Text
+    } else {
+        Modality::Image
+    };
+    Ok((resolved.display().to_string(), modality))
+}
+
+impl Sweep {
+    /// Reads and parses a sweep file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        crate::yaml::parse(&text, path)
+    }
+
+    /// Validates everything before any compute: names, datasets, files (when `check_files`),
+    /// modalities.
+    pub fn plan(self, path: &Path, data_root: &Path, check_files: bool) -> anyhow::Result<Plan> {
+        let name = self.name.value.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(at(
+                path,
+                &self.name,
+                "name",
+                "expected a folder name of letters, digits, '_', '-' or '.'",
+            ));
+        }
+        let mut sources = BTreeMap::new();
+        for (key, def) in &self.models {
+            let (from, modality) =
+                resolve_from(
+                path,
+                &format!("models.{key}.from"),
+                &def.from,
+                data_root,
+                check_files,
+            )?;
+            let train_on = def
+                .train_on
+                .as_ref()
+                .map(|d| dataset(path, &format!("models.{key}.train_on"), d))
+                .transpose()?;
+            let reference = match &def.reference {
+                Some(d) => Some(dataset(path, &format!("models.{key}.reference"), d)?),
+                None => train_on,
+            };
+            if from == "lenet200" && train_on.is_none() {
+                return Err(at(
+                    path,
+                    &def.from,
+                    &format!("models.{key}"),
+                    "lenet200 is trained from scratch: give `train_on: <dataset>`",
+                ));
+            }
+            for (what, d, spanned) in [
+                ("train_on", train_on, &def.train_on),
+                ("reference", reference, &def.reference),
+            ] {
+                if let (Some(d), Some(spanned)) = (d, spanned)
+                    && d.modality() != modality
+                {
+                    return Err(at(
+                        path,
+                        spanned,
+                        &format!("models.{key}.{what}"),
+                        format!(
+                            "{} is a {} model but {d} is a {} dataset",
+                            from,
+                            modality.as_str(),
+                            d.modality().as_str()
+                        ),
+                    ));
+                }
+            }
+            sources.insert(
+                key.clone(),
+                Source {
+                    name: key.clone(),
+                    from,
+                    modality,
+                    train_on,
+                    reference,
+                },
+            );
+        }
+        let mut targets = BTreeMap::new();
+        for (key, def) in &self.targets {
+            let d = dataset(path, &format!("targets.{key}.dataset"), &def.dataset)?;
+            if let Some(classes) = &def.classes {
+                let mut seen = classes.value.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                if seen.len() != classes.value.len() || classes.value.len() < 2 {
+                    return Err(at(
+                        path,
+                        classes,
+                        &format!("targets.{key}.classes"),
+                        "expected at least two distinct class indices",
+                    ));
+                }
+            }
+            targets.insert(
+                key.clone(),
+                Target {
+                    name: key.clone(),
+                    dataset: d,
+                    classes: def.classes.as_ref().map(|c| c.value.clone()),
+                },
+            );
+        }
+        let model_ref = |s: &Spanned<String>, key: &str| -> anyhow::Result<()> {
+            if sources.contains_key(&s.value) {
+                Ok(())
+            } else {
+                Err(at(
+                    path,
+                    s,
+                    key,
+                    format!(
+                        "unknown model {:?}; models defined: {}",
+                        s.value,
+                        names(&sources)
+                    ),
+                ))
+            }
+        };
+        let target_ref = |s: &Spanned<String>, key: &str| -> anyhow::Result<()> {
+            if targets.contains_key(&s.value) {
+                Ok(())
+            } else {
+                Err(at(
+                    path,
+                    s,
+                    key,
+                    format!(
+                        "unknown target {:?}; targets defined: {}",
+                        s.value,
+                        names(&targets)
+                    ),
+                ))
+            }
+        };
+        for m in &self.grid.model {
+            model_ref(m, "grid.model")?;
+        }
+        for t in &self.grid.target {
+            target_ref(t, "grid.target")?;
+        }
+        for e in &self.exclude {
+            if let Some(m) = &e.model {
+                model_ref(m, "exclude.model")?;
+            }
+            if let Some(t) = &e.target {
+                target_ref(t, "exclude.target")?;
+            }
+        }
+        if self.grid.seed.is_empty() {
+            bail!("{}: grid.seed: expected at least one seed", path.display());
+        }
+        if self.pretrain.seed != 0 || self.finetune.seed != 0 {
+            bail!(
+                "{}: pretrain.seed / finetune.seed: seeds are set per cell by grid.seed",
+                path.display()
+            );
+        }
+        let mut scores = Vec::new();
+        for s in &self.score.scores {
+            let kind = ScoreKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == s.value)
+                .ok_or_else(|| {
+                    let valid: Vec<&str> = ScoreKind::ALL.iter().map(|k| k.as_str()).collect();
+                    at(
+                        path,
+                        s,
+                        "score.scores",
+                        format!("unknown score {:?}; expected one of {}", s.value, valid.join(", ")),
+                    )
+                })?;
+            if !scores.contains(&kind) {
+                scores.push(kind);
+            }
+        }
+        if self.measure.modes.is_empty() {
+            bail!(
+                "{}: measure.modes: expected linear_probe and/or full",
+                path.display()
+            );
+        }
+        let mut correlations = Vec::new();
+        for c in &self.correlations {
+            let columns: Vec<&str> = scores.iter().map(|k| k.columns()[0]).collect();
+            if !columns.contains(&c.score.value.as_str()) {
+                return Err(at(
+                    path,
+                    &c.score,
+                    "correlations.score",
+                    format!(
+                        "{:?} is not a score column of this sweep; expected one of {}",
+                        c.score.value,
+                        columns.join(", ")
+                    ),
+                ));
+            }
+            let measure = self
+                .measure
+                .modes
+                .iter()
+                .copied()
+                .find(|m| m.as_str() == c.measure.value)
+                .ok_or_else(|| {
+                    at(
+                        path,
+                        &c.measure,
+                        "correlations.measure",
+                        "expected a mode listed in measure.modes",
+                    )
+                })?;
+            let group_by = [GroupBy::All, GroupBy::Target, GroupBy::Model, GroupBy::Seed]
+                .into_iter()
+                .find(|g| g.as_str() == c.group_by.value)
+                .ok_or_else(|| {
+                    at(
+                        path,
+                        &c.group_by,
+                        "correlations.group_by",
+                        "expected all, target, model or seed",
+                    )
+                })?;
+            correlations.push(Correlation {
+                score: c.score.value.clone(),
+                measure,
+                group_by,
+            });
+        }
+        let mut cells = Vec::new();
+        for m in &self.grid.model {
+            let source = &sources[&m.value];
+            for t in &self.grid.target {
+                let target = &targets[&t.value];
+                if source.modality != target.dataset.modality() {
+                    return Err(at(
+                        path,
+                        t,
+                        "grid.target",
+                        format!(
+                            "model {} is a {} model but target {} is a {} dataset (exclude the pair or split the grid)",
+                            m.value,
+                            source.modality.as_str(),
+                            t.value,
+                            target.dataset.modality().as_str()
+                        ),
+                    ));
+                }
+                if scores.is_empty() {
+                    continue;
+                }
+                if source.reference.is_none() {
+                    return Err(at(
+                        path,
+                        m,
+                        "grid.model",
+                        format!(
+                            "model {} has no reference task; give `reference: <dataset>` in its definition",
+                            m.value
+                        ),
+                    ));
+                }
+                for &seed in &self.grid.seed {
+                    let excluded = self.exclude.iter().any(|e| {
+                        e.model.as_ref().is_none_or(|x| x.value == m.value)
+                            && e.target.as_ref().is_none_or(|x| x.value == t.value)
+                            && e.seed.is_none_or(|x| x == seed)
+                    });
+                    let id = format!("{}__{}__s{seed}", m.value, t.value);
+                    if !excluded && !cells.iter().any(|c: &Cell| c.id == id) {
+                        cells.push(Cell {
+                            id,
+                            model: m.value.clone(),
+                            target: t.value.clone(),
+                            seed,
+                        });
+                    }
+                }
+            }
+        }
+        if cells.is_empty() {
+            bail!(
+                "{}: the grid minus `exclude` leaves no cells",
+                path.display()
+            );
+        }
+        Ok(Plan {
+            name: name.to_string(),
+            sources,
+            targets,
+            cells,
+            scores,
+            correlations,
+            sweep: self,
+        })
+    }
+}
+
+impl Plan {
+    /// The cells of shard `index` (1-based) of `count`: every `count`-th cell in plan order.
+    pub fn shard(&self, index: usize, count: usize) -> Vec<&Cell> {
+        self.cells
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % count == index - 1)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// The `cells.csv` columns, in order.
+    pub fn columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = [
+            "cell",
+            "model",
+            "target",
+            "seed",
+            "reference",
+            "source_test_accuracy",
+            "n_reference",
+            "n_target",
+        ]
+        .map(String::from)
+        .to_vec();
+        for s in &self.scores {
+            cols.extend(s.columns().iter().map(|c| c.to_string()));
+        }
+        for m in &self.sweep.measure.modes {
+            cols.push(format!("accuracy_{}", m.as_str()));
+            cols.push(format!("loss_{}", m.as_str()));
+        }
+        cols.push("seconds_source".into());
+        cols.push("seconds_features".into());
+        for s in &self.scores {
+            cols.push(format!("seconds_{}", s.as_str()));
+        }
+        for m in &self.sweep.measure.modes {
+            cols.push(format!("seconds_{}", m.as_str()));
+        }
+        cols
+    }
+}
+
+/// Parses `--shard I/N`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected I/N, got {s:?}"))?;
+    let (i, n): (usize, usize) = (
+        i.parse().map_err(|_| format!("bad shard index {i:?}"))?,
+        n.parse().map_err(|_| format!("bad shard count {n:?}"))?,
+    );
+    if n == 0 || i == 0 || i > n {
+        return Err(format!("shard {i}/{n}: expected 1 <= I <= N"));
+    }
+    Ok((i, n))
+}

@@ -1,0 +1,330 @@
+//! `taskrel plan | run | report | merge`: sweeps from YAML to results folders.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::engine::{Engine, write_atomic};
+use crate::results::{self, Store, Table};
+use crate::sweep::{Plan, Sweep};
+
+const CONFIG_FILE: &str = "config.yaml";
+const CELLS_CSV: &str = "cells.csv";
+
+/// Reads and validates a sweep file.
+pub fn load_plan(path: &Path, data_root: &Path, check_files: bool) -> anyhow::Result<Plan> {
+    Sweep::read(path)?.plan(path, data_root, check_files)
+}
+
+/// `taskrel plan`.
+pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()> {
+    let plan = load_plan(path, data_root, true)?;
+    if json_out {
+        let cells: Vec<_> = plan
+            .cells
+            .iter()
+            .map(|c| json!({"cell": c.id, "model": c.model, "target": c.target, "seed": c.seed}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"name": plan.name, "cells": cells}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "sweep {}: {} cells; scores: {}; measured: {}",
+        plan.name,
+        plan.cells.len(),
+        plan.scores
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.sweep
+            .measure
+            .modes
+            .iter()
+            .map(|m| format!("accuracy after {}", m.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (i, c) in plan.cells.iter().enumerate() {
+        let source = &plan.sources[&c.model];
+        let how = match source.train_on {
+            Some(d) => format!("{} trained on {d}", source.from),
+            None => source.from.clone(),
+        };
+        println!(
+            "  {:>4}  {:<40} model {} ({how}), target {}, seed {}",
+            i + 1,
+            c.id,
+            c.model,
+            c.target,
+            c.seed
+        );
+    }
+    Ok(())
+}
+
+/// Options of `taskrel run`.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub results: PathBuf,
+    pub data_root: PathBuf,
+    pub cache: Option<PathBuf>,
+    pub device: String,
+    pub only: Option<String>,
+    pub shard: Option<(usize, usize)>,
+    pub quiet: bool,
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds (proleptic Gregorian, UTC).
+fn utc(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `taskrel run`.
+pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+    let plan = load_plan(path, &opts.data_root, true)?;
+    let device = taskrel_models::device(&opts.device)?;
+    let selected: Vec<_> = match (&opts.only, opts.shard) {
+        (Some(id), _) => {
+            let cell = plan.cells.iter().find(|c| &c.id == id).ok_or_else(|| {
+                let ids: Vec<&str> = plan.cells.iter().map(|c| c.id.as_str()).collect();
+                anyhow::anyhow!("--only {id}: no such cell; cells: {}", ids.join(", "))
+            })?;
+            vec![cell]
+        }
+        (None, Some((i, n))) => plan.shard(i, n),
+        (None, None) => plan.cells.iter().collect(),
+    };
+    let out = opts.results.join(&plan.name);
+    let cache = opts
+        .cache
+        .clone()
+        .unwrap_or_else(|| opts.results.join(".cache"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_atomic(
+        &out.join(CONFIG_FILE),
+        crate::yaml::to_string(&plan.sweep)?.as_bytes(),
+    )?;
+    let store = Store::new(&out);
+    let started = now_unix();
+    let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
+    let columns = plan.columns();
+    let mut engine = Engine::new(&plan, &opts.data_root, &cache, device);
+    let bar = ProgressBar::new(selected.len() as u64);
+    if opts.quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} cells  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(plan.name.clone());
+    let (mut ran, mut skipped) = (0usize, 0usize);
+    for cell in &selected {
+        if store.is_done(&cell.id) {
+            skipped += 1;
+            bar.inc(1);
+            continue;
+        }
+        let t = Instant::now();
+        let stage = |s: &str| bar.set_message(format!("{}: {s}", cell.id));
+        let mut row = engine
+            .run_cell(cell, &stage)
+            .with_context(|| format!("cell {}", cell.id))?;
+        row.insert(
+            "seconds_total".into(),
+            json!(t.elapsed().as_secs_f64()),
+        );
+        store.put(&cell.id, &row)?;
+        results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
+        ran += 1;
+        bar.inc(1);
+        if opts.quiet || bar.is_hidden() {
+            eprintln!(
+                "[{}/{}] {} done in {:.1} s",
+                ran + skipped,
+                selected.len(),
+                cell.id,
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    bar.finish_and_clear();
+    let finished = results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
+    let corr = render(&out, &plan)?;
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+    let manifest = json!({
+        "sweep": plan.name,
+        "config": path.display().to_string(),
+        "taskrel_version": env!("CARGO_PKG_VERSION"),
+        "git_revision": git(&["rev-parse", "HEAD"]),
+        "git_dirty": dirty,
+        "device": opts.device,
+        "started": utc(started),
+        "finished": utc(now_unix()),
+        "seconds": now_unix() - started,
+        "cells_planned": plan.cells.len(),
+        "cells_selected": selected.len(),
+        "cells_run": ran,
+        "cells_already_done": skipped,
+        "cells_finished": finished,
+        "shard": opts.shard.map(|(i, n)| format!("{i}/{n}")),
+        "stage_seconds": engine.stage_seconds,
+        "cache": cache.display().to_string(),
+    });
+    write_atomic(
+        &out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    println!(
+        "{}: {ran} cells run, {skipped} already done, {finished} of {} in {}",
+        plan.name,
+        plan.cells.len(),
+        out.join(CELLS_CSV).display()
+    );
+    if !corr.is_empty() {
+        println!("\n{}", results::correlation_markdown(&corr));
+    }
+    Ok(())
+}
+
+/// Renders `correlation.csv`, `summary.md` and `plots/` of a results folder from its
+/// `cells.csv`.
+fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow>> {
+    let table = Table::read(&out.join(CELLS_CSV))?;
+    let corr = results::correlations(&table, &plan.correlations);
+    results::write_correlation_csv(&out.join("correlation.csv"), &corr)?;
+    let md = results::summary_markdown(
+        &plan.name,
+        &plan.sweep.description,
+        &table,
+        &corr,
+        plan.cells.len(),
+    );
+    write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    crate::plots::write(&out.join("plots"), &corr)?;
+    Ok(corr)
+}
+
+/// `taskrel report`.
+pub fn report(dir: &Path, data_root: &Path) -> anyhow::Result<()> {
+    let plan = load_plan(&dir.join(CONFIG_FILE), data_root, false)?;
+    let corr = render(dir, &plan)?;
+    println!(
+        "rendered {} and {} from {}",
+        dir.join("summary.md").display(),
+        dir.join("correlation.csv").display(),
+        dir.join(CELLS_CSV).display()
+    );
+    if !corr.is_empty() {
+        println!("\n{}", results::correlation_markdown(&corr));
+    }
+    Ok(())
+}
+
+/// `taskrel merge`.
+pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<()> {
+    let Some(first) = dirs.first() else {
+        bail!("merge: give at least one results folder");
+    };
+    let config = std::fs::read_to_string(first.join(CONFIG_FILE))
+        .with_context(|| format!("reading {}", first.join(CONFIG_FILE).display()))?;
+    for d in &dirs[1..] {
+        let other = std::fs::read_to_string(d.join(CONFIG_FILE))
+            .with_context(|| format!("reading {}", d.join(CONFIG_FILE).display()))?;
+        if other != config {
+            bail!(
+                "{} and {} come from different sweeps (their config.yaml differ)",
+                first.join(CONFIG_FILE).display(),
+                d.join(CONFIG_FILE).display()
+            );
+        }
+    }
+    let plan = load_plan(&first.join(CONFIG_FILE), data_root, false)?;
+    std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
+    write_atomic(&into.join(CONFIG_FILE), config.as_bytes())?;
+    let target = Store::new(into);
+    let mut merged = 0;
+    for d in dirs {
+        for (id, row) in Store::new(d).rows()? {
+            if !target.is_done(&id) {
+                target.put(&id, &row)?;
+                merged += 1;
+            }
+        }
+    }
+    let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
+    let finished =
+        results::write_cells_csv(&into.join(CELLS_CSV), &plan.columns(), &order, &target.rows()?)?;
+    render(into, &plan)?;
+    let manifest = json!({
+        "sweep": plan.name,
+        "merged_from": dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+        "taskrel_version": env!("CARGO_PKG_VERSION"),
+        "merged": utc(now_unix()),
+        "cells_planned": plan.cells.len(),
+        "cells_finished": finished,
+    });
+    write_atomic(
+        &into.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    println!(
+        "merged {merged} cells into {} ({finished} of {} finished)",
+        into.display(),
+        plan.cells.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0.0), "1970-01-01T00:00:00Z");
+        // date -u -d @1795882710 +%FT%TZ
+        assert_eq!(utc(1_795_882_710.0), "2026-11-28T16:18:30Z");
+        assert_eq!(utc(951_782_400.0), "2000-02-29T00:00:00Z");
+    }
+}
