@@ -197,6 +197,7 @@ impl<'a> Engine<'a> {
                     serde_json::to_string(&json!({
                         "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.as_str(),
                         "config": cfg, "max_len": self.plan.sweep.max_len,
+                        "test_per_class": self.plan.sweep.measure.test_per_class,
                     }))?
                     .as_bytes(),
                 );
@@ -232,12 +233,13 @@ impl<'a> Engine<'a> {
     ) -> anyhow::Result<()> {
         let start = Instant::now();
         let mut model = self.load_model(base, cfg.seed)?;
-        let (train_set, test_set) = self.dataset(train_on)?.clone();
+        let train_set = self.dataset(train_on)?.0.clone();
         if *base == ModelRef::Lenet200 {
             train::train(&mut model, &train_set, cfg, true)?;
         } else {
             train::fine_tune(&mut model, &train_set, train::Mode::Full, cfg, true)?;
         }
+        let test_set = self.source_test_set(train_on)?;
         let test = train::evaluate(&model, &test_set, 256, true)?;
         model.spec.origin = format!("{from} trained on {train_on}/train (seed {})", cfg.seed);
         let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
@@ -261,6 +263,17 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// The test split a source is evaluated on: `measure.test_per_class` per class (seed 0)
+    /// when set, else all of it.
+    fn source_test_set(&mut self, name: DatasetName) -> anyhow::Result<Dataset> {
+        let per_class = self.plan.sweep.measure.test_per_class;
+        let test = &self.dataset(name)?.1;
+        Ok(match per_class {
+            Some(n) => test.take_per_class(n, 0)?,
+            None => test.clone(),
+        })
+    }
+
     /// Test accuracy of a given model's own head on its reference task, when the head fits.
     fn source_accuracy(
         &mut self,
@@ -271,7 +284,14 @@ impl<'a> Engine<'a> {
         let path = self
             .cache
             .join("source-eval")
-            .join(format!("{hash}-{reference}.json"));
+            .join(format!(
+                "{hash}-{reference}-{}.json",
+                self.plan
+                    .sweep
+                    .measure
+                    .test_per_class
+                    .map_or("all".to_string(), |n| n.to_string())
+            ));
         if let Ok(bytes) = std::fs::read(&path) {
             let record: SourceRecord = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing {}", path.display()))?;
@@ -279,7 +299,7 @@ impl<'a> Engine<'a> {
         }
         let start = Instant::now();
         let model = self.load_model(base, 0)?;
-        let test_set = self.dataset(reference)?.1.clone();
+        let test_set = self.source_test_set(reference)?;
         let accuracy = if model.spec.num_classes() == test_set.num_classes() {
             Some(train::evaluate(&model, &test_set, 256, true)?.accuracy)
         } else {

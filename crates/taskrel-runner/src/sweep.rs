@@ -401,6 +401,25 @@ impl Sweep {
                 "expected a folder name of letters, digits, '_', '-' or '.'",
             ));
         }
+        for (section, key, place) in self
+            .models
+            .iter()
+            .map(|(k, d)| ("models", k, &d.from))
+            .chain(self.targets.iter().map(|(k, d)| ("targets", k, &d.dataset)))
+        {
+            if key.is_empty()
+                || !key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(at(
+                    path,
+                    place,
+                    &format!("{section}.{key}"),
+                    "names may hold letters, digits, '_' and '-' only",
+                ));
+            }
+        }
         let mut sources = BTreeMap::new();
         for (key, def) in &self.models {
             let (from, modality) =

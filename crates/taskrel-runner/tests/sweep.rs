@@ -1,0 +1,250 @@
+//! Sweeps end to end on real data: `configs/smoke.yaml` run, reported, sharded and merged,
+//! killed and resumed; malformed sweeps rejected before anything is written.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn data_root() -> PathBuf {
+    let root = repo().join("data");
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
+    root
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_taskrel"));
+    c.args(args).arg("--data-root").arg(data_root());
+    c
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = command(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "taskrel {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn smoke() -> String {
+    repo().join("configs/smoke.yaml").display().to_string()
+}
+
+/// `cells.csv` without its timing columns (the only ones that differ between runs).
+fn rows_without_timings(path: &Path) -> Vec<Vec<String>> {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let headers: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
+    let keep: Vec<usize> = (0..headers.len())
+        .filter(|&i| !headers[i].starts_with("seconds_"))
+        .collect();
+    let mut rows = vec![keep.iter().map(|&i| headers[i].clone()).collect()];
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        rows.push(keep.iter().map(|&i| rec[i].to_string()).collect());
+    }
+    rows
+}
+
+fn run_smoke(results: &Path, cache: &Path, extra: &[&str]) -> Output {
+    let sweep = smoke();
+    let mut args = vec![
+        "run",
+        sweep.as_str(),
+        "--results",
+        results.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+#[test]
+fn smoke_sweep_runs_reports_shards_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (results, cache) = (tmp.path().join("results"), tmp.path().join("cache"));
+    let plan = ok(&["plan", &smoke(), "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let cells = plan["cells"].as_array().unwrap().len();
+    assert_eq!(cells, 5);
+
+    run_smoke(&results, &cache, &[]);
+    let out = results.join("smoke");
+    for f in [
+        "config.yaml",
+        "manifest.json",
+        "cells.csv",
+        "correlation.csv",
+        "summary.md",
+        "plots/bound_vs_linear_probe_all.png",
+        "plots/bound_vs_linear_probe_all.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let png = std::fs::read(out.join("plots/bound_vs_linear_probe_all.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(out.join("plots/bound_vs_linear_probe_all.svg")).unwrap();
+    assert!(svg.contains("bound vs accuracy"), "plot title missing");
+
+    let rows = rows_without_timings(&out.join("cells.csv"));
+    assert_eq!(rows.len(), 1 + cells);
+    let header = &rows[0];
+    for col in [
+        "bound",
+        "reference_loss",
+        "label_entropy",
+        "wasserstein",
+        "bound_unlabeled",
+        "accuracy_linear_probe",
+        "source_test_accuracy",
+    ] {
+        let c = header.iter().position(|h| h == col).unwrap();
+        for row in &rows[1..] {
+            let v: f64 = row[c].parse().unwrap_or_else(|_| panic!("{col}: {:?}", row[c]));
+            assert!(v.is_finite(), "{col} = {v}");
+        }
+    }
+    let acc = header.iter().position(|h| h == "accuracy_linear_probe").unwrap();
+    for row in &rows[1..] {
+        let a: f64 = row[acc].parse().unwrap();
+        assert!(a > 0.3 && a <= 1.0, "linear-probe accuracy {a} in {row:?}");
+    }
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| bound | linear_probe | all | 5 |"), "{summary}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["cells_finished"], 5);
+    assert!(manifest["taskrel_version"].is_string());
+
+    // `report` regenerates the same summary from the CSV.
+    std::fs::remove_file(out.join("summary.md")).unwrap();
+    ok(&["report", out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("summary.md")).unwrap(),
+        summary
+    );
+
+    // A second run finds every cell done and changes no row.
+    let again = run_smoke(&results, &cache, &[]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 cells run, 5 already done"));
+    assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
+
+    // Shards 1/3, 2/3, 3/3 merged equal the unsharded run.
+    let mut shard_dirs = Vec::new();
+    for i in 1..=3 {
+        let dir = tmp.path().join(format!("shard{i}"));
+        run_smoke(&dir, &cache, &["--shard", &format!("{i}/3")]);
+        shard_dirs.push(dir.join("smoke").to_str().unwrap().to_string());
+    }
+    let merged = tmp.path().join("merged");
+    let mut args = vec!["merge"];
+    args.extend(shard_dirs.iter().map(|s| s.as_str()));
+    args.extend(["--into", merged.to_str().unwrap()]);
+    ok(&args);
+    assert_eq!(rows_without_timings(&merged.join("cells.csv")), rows);
+
+    // SIGKILL at several points of a run with an empty cache, then resume: same rows, once each.
+    let (killed, killed_cache) = (tmp.path().join("killed"), tmp.path().join("killed-cache"));
+    for delay_ms in [1500, 3000, 5000, 8000] {
+        let mut child = command(&[
+            "run",
+            &smoke(),
+            "--results",
+            killed.to_str().unwrap(),
+            "--cache",
+            killed_cache.to_str().unwrap(),
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL on Unix
+        child.wait().unwrap();
+    }
+    run_smoke(&killed, &killed_cache, &[]);
+    assert_eq!(rows_without_timings(&killed.join("smoke/cells.csv")), rows);
+}
+
+fn write_sweep(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("bad.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const GOOD: &str = "name: bad
+models:
+  m: {from: lenet200, train_on: mnist}
+targets:
+  t: {dataset: usps}
+grid:
+  model: [m]
+  target: [t]
+";
+
+#[test]
+fn malformed_sweeps_fail_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results");
+    let cases = [
+        // A typo in a key.
+        (
+            GOOD.replace("  target: [t]", "  targte: [t]"),
+            "unknown field `targte`",
+            "line 8",
+        ),
+        // An unknown model in the grid.
+        (
+            GOOD.replace("model: [m]", "model: [m, resnet]"),
+            "unknown model \"resnet\"; models defined: m",
+            ":7:",
+        ),
+        // A wrong type.
+        (
+            format!("{GOOD}finetune: {{epochs: three}}\n"),
+            "epochs",
+            "line 9",
+        ),
+        // A text target for an image model.
+        (
+            GOOD.replace("dataset: usps", "dataset: ag_news"),
+            "image model but target t is a text dataset",
+            ":8:",
+        ),
+        // An unknown dataset.
+        (
+            GOOD.replace("dataset: usps", "dataset: svhn"),
+            "targets.t.dataset",
+            ":5:",
+        ),
+    ];
+    for (text, message, place) in cases {
+        let path = write_sweep(tmp.path(), &text);
+        let out = command(&[
+            "run",
+            path.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{text}");
+        assert!(err.contains(message), "{err:?} lacks {message:?}");
+        assert!(err.contains(place), "{err:?} lacks {place:?}");
+        assert!(!results.exists(), "wrote results for a bad sweep");
+    }
+}
