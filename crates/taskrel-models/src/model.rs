@@ -139,6 +139,11 @@ impl Model {
         self.encoder.features(data, indices, train)
     }
 
+    /// Whether the model has a classification head.
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
     /// `(n, num_classes)` logits of the head on `(n, feature_dim)` features.
     pub fn head_logits(&self, features: &Tensor) -> Result<Tensor> {
         let head = self.head.as_ref().ok_or_else(|| {

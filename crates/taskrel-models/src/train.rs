@@ -77,8 +77,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
-    /// Peak learning rate of the new head in end-to-end fine-tuning (default: `lr`). A new
-    /// head on L2-normalised text embeddings needs a far larger rate than the encoder.
+    /// Peak learning rate of the new head, in both modes (default: `lr`). A new head on
+    /// L2-normalised text embeddings needs a far larger rate than the encoder.
     pub head_lr: Option<f64>,
     /// Weight decay (decoupled for AdamW, L2 for SGD).
     pub weight_decay: f64,
@@ -327,10 +327,7 @@ pub fn fine_tune(
         Mode::Full => None,
     };
     let (encoder_vars, head_vars) = model.vars()?;
-    let head_lr = match mode {
-        Mode::LinearProbe => cfg.lr,
-        Mode::Full => cfg.head_lr.unwrap_or(cfg.lr),
-    };
+    let head_lr = cfg.head_lr.unwrap_or(cfg.lr);
     let mut optimizer = Optimizer::new(
         head_vars,
         &TrainConfig {

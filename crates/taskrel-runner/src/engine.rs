@@ -25,11 +25,27 @@ use taskrel_data::{Dataset, DatasetName};
 use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
 use taskrel_score::FeatureSet;
+use taskrel_score::baselines::{self, Matrix};
 
 use crate::sweep::{Cell, Plan, ScoreKind, Source};
 
 /// Bump when cached content would change for the same key.
 const CACHE_VERSION: &str = "taskrel-cache-1";
+
+/// Neighbours of the k-NN baseline.
+pub const KNN_K: usize = 5;
+
+/// Softmax of the model's own head on features, row-major `(n, classes)`; `None` without a
+/// head.
+pub fn head_probabilities(model: &Model, set: &FeatureSet) -> anyhow::Result<Option<Vec<f64>>> {
+    if !model.has_head() {
+        return Ok(None);
+    }
+    let x = candle_core::Tensor::from_slice(&set.values, (set.n, set.d), model.device())?;
+    let logits = model.head_logits(&x)?;
+    let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F64)?)?;
+    Ok(Some(p.flatten_all()?.to_vec1::<f64>()?))
+}
 
 /// One row of `cells.csv`: column -> number or text.
 pub type Row = BTreeMap<String, Value>;
@@ -360,6 +376,83 @@ impl<'a> Engine<'a> {
         Ok(set)
     }
 
+    /// The values of `kind`'s columns on one cell's features (NaN where a score does not
+    /// apply, e.g. LEEP for a model without a classification head).
+    fn score(
+        &self,
+        kind: ScoreKind,
+        seed: u64,
+        model: &Model,
+        reference: Option<&FeatureSet>,
+        target: &FeatureSet,
+    ) -> anyhow::Result<Vec<f64>> {
+        let labels = target
+            .labels
+            .as_deref()
+            .context("target features without labels")?;
+        let x: Vec<f64> = target.values.iter().map(|&v| f64::from(v)).collect();
+        let m = Matrix::new(&x, target.n, target.d)?;
+        let reference_of = |what: &str| {
+            reference.with_context(|| format!("{what} needs the model's reference task"))
+        };
+        Ok(match kind {
+            ScoreKind::Relatedness | ScoreKind::RelatednessUnlabeled => {
+                let mut cfg = self.plan.sweep.score.relatedness.clone();
+                cfg.seed = seed;
+                cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
+                let r = taskrel_score::relatedness(
+                    reference_of("task-relatedness")?,
+                    target,
+                    &cfg,
+                    &self.device,
+                )?;
+                let mut v = vec![
+                    r.bound,
+                    r.reference_loss,
+                    r.label_entropy,
+                    r.wasserstein,
+                    r.distribution_term,
+                ];
+                if kind == ScoreKind::Relatedness {
+                    v.push(r.tau);
+                    v.push(r.target_accuracy.unwrap_or(f64::NAN));
+                } else {
+                    v.push(r.pseudo_label_accuracy.unwrap_or(f64::NAN));
+                }
+                v
+            }
+            ScoreKind::Logme => vec![baselines::logme(m, labels)?],
+            ScoreKind::Hscore => vec![baselines::h_score(m, labels)?],
+            ScoreKind::HscoreShrinkage => vec![baselines::shrinkage_h_score(m, labels)?],
+            ScoreKind::Knn => vec![baselines::knn_accuracy(m, labels, KNN_K)?],
+            ScoreKind::Leep | ScoreKind::Nce => {
+                let Some(p) = head_probabilities(model, target)? else {
+                    return Ok(vec![f64::NAN]);
+                };
+                let c = p.len() / target.n;
+                if kind == ScoreKind::Leep {
+                    vec![baselines::leep(Matrix::new(&p, target.n, c)?, labels)?]
+                } else {
+                    let argmax: Vec<u32> = p
+                        .chunks(c)
+                        .map(|r| {
+                            (0..c)
+                                .max_by(|&a, &b| r[a].total_cmp(&r[b]))
+                                .map_or(0, |z| z as u32)
+                        })
+                        .collect();
+                    vec![baselines::nce(&argmax, labels)?]
+                }
+            }
+            ScoreKind::Otce => {
+                let r = reference_of("OTCE")?;
+                let rx: Vec<f64> = r.values.iter().map(|&v| f64::from(v)).collect();
+                let rl = r.labels.as_deref().context("reference features without labels")?;
+                vec![baselines::otce(Matrix::new(&rx, r.n, r.d)?, rl, m, labels)?.0]
+            }
+        })
+    }
+
     /// Runs one cell; `stage` is told what is happening.
     pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
         let plan = self.plan;
@@ -393,21 +486,25 @@ impl<'a> Engine<'a> {
         if !plan.scores.is_empty() {
             stage("features");
             let t = Instant::now();
-            let reference = source
-                .reference
-                .context("a scored model needs a reference task")?;
-            row.insert("reference".into(), json!(reference.as_str()));
             let model = self.load_model(&ready.reference, cell.seed)?;
-            let ref_train = self.dataset(reference)?.0.clone();
-            let ref_idx =
-                ref_train.sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
-            let ref_feats = self.features(
-                &model,
-                &ready.weights,
-                &format!("{reference}/train"),
-                &ref_train,
-                &ref_idx,
-            )?;
+            let ref_feats = match source.reference {
+                Some(reference) => {
+                    row.insert("reference".into(), json!(reference.as_str()));
+                    let ref_train = self.dataset(reference)?.0.clone();
+                    let ref_idx = ref_train
+                        .sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
+                    let set = self.features(
+                        &model,
+                        &ready.weights,
+                        &format!("{reference}/train"),
+                        &ref_train,
+                        &ref_idx,
+                    )?;
+                    row.insert("n_reference".into(), json!(set.n));
+                    Some(set)
+                }
+                None => None,
+            };
             let tgt_idx =
                 target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?;
             let tgt_feats = self.features(
@@ -417,37 +514,13 @@ impl<'a> Engine<'a> {
                 &target_train,
                 &tgt_idx,
             )?;
-            row.insert("n_reference".into(), json!(ref_feats.n));
             row.insert("n_target".into(), json!(tgt_feats.n));
             row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
-            drop(model);
 
             for &kind in &plan.scores {
                 stage(kind.as_str());
                 let t = Instant::now();
-                let mut cfg = plan.sweep.score.relatedness.clone();
-                cfg.seed = cell.seed;
-                cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
-                let report = taskrel_score::relatedness(&ref_feats, &tgt_feats, &cfg, &self.device)?;
-                let values = match kind {
-                    ScoreKind::Relatedness => vec![
-                        report.bound,
-                        report.reference_loss,
-                        report.label_entropy,
-                        report.wasserstein,
-                        report.distribution_term,
-                        report.tau,
-                        report.target_accuracy.unwrap_or(f64::NAN),
-                    ],
-                    ScoreKind::RelatednessUnlabeled => vec![
-                        report.bound,
-                        report.reference_loss,
-                        report.label_entropy,
-                        report.wasserstein,
-                        report.distribution_term,
-                        report.pseudo_label_accuracy.unwrap_or(f64::NAN),
-                    ],
-                };
+                let values = self.score(kind, cell.seed, &model, ref_feats.as_ref(), &tgt_feats)?;
                 for (col, v) in kind.columns().iter().zip(values) {
                     row.insert(col.to_string(), num(Some(v)));
                 }

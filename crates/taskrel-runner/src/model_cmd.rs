@@ -50,7 +50,7 @@ pub struct TrainArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Learning rate of the new head in end-to-end fine-tuning (default: --lr).
+    /// Learning rate of the new head, in both modes (default: --lr).
     #[arg(long)]
     pub head_lr: Option<f64>,
     #[arg(long, default_value_t = 0.0)]

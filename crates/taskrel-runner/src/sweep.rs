@@ -183,16 +183,55 @@ pub enum ScoreKind {
     Relatedness,
     /// Task-relatedness without target labels.
     RelatednessUnlabeled,
+    /// LogME of the target features and labels.
+    Logme,
+    /// LEEP of the source head's probabilities on the target.
+    Leep,
+    /// NCE of the source head's predictions on the target.
+    Nce,
+    /// H-score.
+    Hscore,
+    /// Shrinkage (Ledoit-Wolf) H-score.
+    HscoreShrinkage,
+    /// OTCE's conditional-entropy part between reference and target.
+    Otce,
+    /// Leave-one-out 5-NN accuracy on the target features.
+    Knn,
 }
 
 impl ScoreKind {
-    pub const ALL: [ScoreKind; 2] = [Self::Relatedness, Self::RelatednessUnlabeled];
+    pub const ALL: [ScoreKind; 9] = [
+        Self::Relatedness,
+        Self::RelatednessUnlabeled,
+        Self::Logme,
+        Self::Leep,
+        Self::Nce,
+        Self::Hscore,
+        Self::HscoreShrinkage,
+        Self::Otce,
+        Self::Knn,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Relatedness => "relatedness",
             Self::RelatednessUnlabeled => "relatedness_unlabeled",
+            Self::Logme => "logme",
+            Self::Leep => "leep",
+            Self::Nce => "nce",
+            Self::Hscore => "hscore",
+            Self::HscoreShrinkage => "hscore_shrinkage",
+            Self::Otce => "otce",
+            Self::Knn => "knn",
         }
+    }
+
+    /// Whether the score needs the source model's reference task.
+    pub fn needs_reference(self) -> bool {
+        matches!(
+            self,
+            Self::Relatedness | Self::RelatednessUnlabeled | Self::Otce
+        )
     }
 
     /// The `cells.csv` columns this score writes, the first one being the score itself.
@@ -215,6 +254,13 @@ impl ScoreKind {
                 "distribution_term_unlabeled",
                 "pseudo_label_accuracy",
             ],
+            Self::Logme => &["logme"],
+            Self::Leep => &["leep"],
+            Self::Nce => &["nce"],
+            Self::Hscore => &["hscore"],
+            Self::HscoreShrinkage => &["hscore_shrinkage"],
+            Self::Otce => &["otce"],
+            Self::Knn => &["knn"],
         }
     }
 }
@@ -647,10 +693,7 @@ impl Sweep {
                         ),
                     ));
                 }
-                if scores.is_empty() {
-                    continue;
-                }
-                if source.reference.is_none() {
+                if source.reference.is_none() && scores.iter().any(|s| s.needs_reference()) {
                     return Err(at(
                         path,
                         m,

@@ -3,6 +3,7 @@
 //! This crate knows nothing of datasets or models: it takes `(n, d)` features (and labels,
 //! when available) and returns numbers, so it can be used on any features.
 
+pub mod baselines;
 pub mod classifier;
 pub mod features;
 pub mod ot;
