@@ -221,6 +221,20 @@ impl Dataset {
         Ok(indices)
     }
 
+    /// Like [`Dataset::sample_per_class`], but a class with fewer than `n` samples gives all
+    /// of them.
+    pub fn sample_at_most_per_class(&self, n: usize, seed: u64) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut indices = Vec::with_capacity(n * self.num_classes());
+        for mut members in self.members_by_class() {
+            members.shuffle(&mut rng);
+            members.truncate(n);
+            members.sort_unstable();
+            indices.extend(members);
+        }
+        indices
+    }
+
     /// A stratified sample with `n` samples per class (see [`Dataset::sample_per_class`]).
     pub fn take_per_class(&self, n: usize, seed: u64) -> Result<Dataset> {
         self.select(&self.sample_per_class(n, seed)?)

@@ -116,10 +116,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 /// A source model ready to use for one seed.
 #[derive(Clone, Debug)]
-struct ReadySource {
-    reference: ModelRef,
-    weights: String,
-    test_accuracy: Option<f64>,
+pub struct ReadySource {
+    pub reference: ModelRef,
+    pub weights: String,
+    pub test_accuracy: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -285,7 +285,7 @@ impl<'a> Engine<'a> {
         let per_class = self.plan.sweep.measure.test_per_class;
         let test = &self.dataset(name)?.1;
         Ok(match per_class {
-            Some(n) => test.take_per_class(n, 0)?,
+            Some(n) => test.select(&test.sample_at_most_per_class(n, 0))?,
             None => test.clone(),
         })
     }
@@ -297,17 +297,14 @@ impl<'a> Engine<'a> {
         hash: &str,
         reference: DatasetName,
     ) -> anyhow::Result<Option<f64>> {
-        let path = self
-            .cache
-            .join("source-eval")
-            .join(format!(
-                "{hash}-{reference}-{}.json",
-                self.plan
-                    .sweep
-                    .measure
-                    .test_per_class
-                    .map_or("all".to_string(), |n| n.to_string())
-            ));
+        let path = self.cache.join("source-eval").join(format!(
+            "{hash}-{reference}-{}.json",
+            self.plan
+                .sweep
+                .measure
+                .test_per_class
+                .map_or("all".to_string(), |n| n.to_string())
+        ));
         if let Ok(bytes) = std::fs::read(&path) {
             let record: SourceRecord = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing {}", path.display()))?;
@@ -386,10 +383,12 @@ impl<'a> Engine<'a> {
         reference: Option<&FeatureSet>,
         target: &FeatureSet,
     ) -> anyhow::Result<Vec<f64>> {
-        let labels = target
-            .labels
-            .as_deref()
-            .context("target features without labels")?;
+        let labels = || {
+            target
+                .labels
+                .as_deref()
+                .with_context(|| format!("{} needs target labels", kind.as_str()))
+        };
         let x: Vec<f64> = target.values.iter().map(|&v| f64::from(v)).collect();
         let m = Matrix::new(&x, target.n, target.d)?;
         let reference_of = |what: &str| {
@@ -421,17 +420,17 @@ impl<'a> Engine<'a> {
                 }
                 v
             }
-            ScoreKind::Logme => vec![baselines::logme(m, labels)?],
-            ScoreKind::Hscore => vec![baselines::h_score(m, labels)?],
-            ScoreKind::HscoreShrinkage => vec![baselines::shrinkage_h_score(m, labels)?],
-            ScoreKind::Knn => vec![baselines::knn_accuracy(m, labels, KNN_K)?],
+            ScoreKind::Logme => vec![baselines::logme(m, labels()?)?],
+            ScoreKind::Hscore => vec![baselines::h_score(m, labels()?)?],
+            ScoreKind::HscoreShrinkage => vec![baselines::shrinkage_h_score(m, labels()?)?],
+            ScoreKind::Knn => vec![baselines::knn_accuracy(m, labels()?, KNN_K)?],
             ScoreKind::Leep | ScoreKind::Nce => {
                 let Some(p) = head_probabilities(model, target)? else {
                     return Ok(vec![f64::NAN]);
                 };
                 let c = p.len() / target.n;
                 if kind == ScoreKind::Leep {
-                    vec![baselines::leep(Matrix::new(&p, target.n, c)?, labels)?]
+                    vec![baselines::leep(Matrix::new(&p, target.n, c)?, labels()?)?]
                 } else {
                     let argmax: Vec<u32> = p
                         .chunks(c)
@@ -441,35 +440,26 @@ impl<'a> Engine<'a> {
                                 .map_or(0, |z| z as u32)
                         })
                         .collect();
-                    vec![baselines::nce(&argmax, labels)?]
+                    vec![baselines::nce(&argmax, labels()?)?]
                 }
             }
             ScoreKind::Otce => {
                 let r = reference_of("OTCE")?;
                 let rx: Vec<f64> = r.values.iter().map(|&v| f64::from(v)).collect();
-                let rl = r.labels.as_deref().context("reference features without labels")?;
-                vec![baselines::otce(Matrix::new(&rx, r.n, r.d)?, rl, m, labels)?.0]
+                let rl = r
+                    .labels
+                    .as_deref()
+                    .context("reference features without labels")?;
+                vec![baselines::otce(Matrix::new(&rx, r.n, r.d)?, rl, m, labels()?)?.0]
             }
         })
     }
 
-    /// Runs one cell; `stage` is told what is happening.
+    /// Runs one cell of the plan: scores on the target's train split, then fine-tuning
+    /// measured on its test split; `stage` is told what is happening.
     pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
         let plan = self.plan;
-        let source = &plan.sources[&cell.model];
         let target = &plan.targets[&cell.target];
-        let mut row = Row::new();
-        row.insert("cell".into(), json!(cell.id));
-        row.insert("model".into(), json!(cell.model));
-        row.insert("target".into(), json!(cell.target));
-        row.insert("seed".into(), json!(cell.seed));
-
-        stage("source model");
-        let t = Instant::now();
-        let ready = self.source(source, cell.seed)?;
-        row.insert("seconds_source".into(), json!(t.elapsed().as_secs_f64()));
-        row.insert("source_test_accuracy".into(), num(ready.test_accuracy));
-
         let (target_train, target_test) = {
             let (train_set, test_set) = self.dataset(target.dataset)?;
             match &target.classes {
@@ -482,55 +472,16 @@ impl<'a> Engine<'a> {
             .as_ref()
             .map(|c| format!("{c:?}"))
             .unwrap_or_else(|| "all".into());
-
-        if !plan.scores.is_empty() {
-            stage("features");
-            let t = Instant::now();
-            let model = self.load_model(&ready.reference, cell.seed)?;
-            let ref_feats = match source.reference {
-                Some(reference) => {
-                    row.insert("reference".into(), json!(reference.as_str()));
-                    let ref_train = self.dataset(reference)?.0.clone();
-                    let ref_idx = ref_train
-                        .sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
-                    let set = self.features(
-                        &model,
-                        &ready.weights,
-                        &format!("{reference}/train"),
-                        &ref_train,
-                        &ref_idx,
-                    )?;
-                    row.insert("n_reference".into(), json!(set.n));
-                    Some(set)
-                }
-                None => None,
-            };
-            let tgt_idx =
-                target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?;
-            let tgt_feats = self.features(
-                &model,
-                &ready.weights,
-                &format!("{}/train classes {subset}", target.dataset),
-                &target_train,
-                &tgt_idx,
-            )?;
-            row.insert("n_target".into(), json!(tgt_feats.n));
-            row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
-
-            for &kind in &plan.scores {
-                stage(kind.as_str());
-                let t = Instant::now();
-                let values = self.score(kind, cell.seed, &model, ref_feats.as_ref(), &tgt_feats)?;
-                for (col, v) in kind.columns().iter().zip(values) {
-                    row.insert(col.to_string(), num(Some(v)));
-                }
-                let secs = self.add_time(kind.as_str(), t);
-                row.insert(format!("seconds_{}", kind.as_str()), json!(secs));
-            }
-        }
-
+        let sample = TargetSample {
+            indices: target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?,
+            label: format!("{}/train classes {subset}", target.dataset),
+            data: target_train,
+            labelled: true,
+        };
+        let (mut row, ready) = self.score_cell(cell, &plan.scores, &sample, stage)?;
+        let target_train = sample.data;
         let test_set = match plan.sweep.measure.test_per_class {
-            Some(n) => target_test.take_per_class(n, cell.seed)?,
+            Some(n) => target_test.select(&target_test.sample_at_most_per_class(n, cell.seed))?,
             None => target_test,
         };
         for &mode in &plan.sweep.measure.modes {
@@ -548,6 +499,93 @@ impl<'a> Engine<'a> {
         }
         Ok(row)
     }
+
+    /// The source model of a cell and `scores` on a target sample (no fine-tuning).
+    pub fn score_cell(
+        &mut self,
+        cell: &Cell,
+        scores: &[ScoreKind],
+        sample: &TargetSample,
+        stage: &dyn Fn(&str),
+    ) -> anyhow::Result<(Row, ReadySource)> {
+        let plan = self.plan;
+        let source = &plan.sources[&cell.model];
+        let mut row = Row::new();
+        row.insert("cell".into(), json!(cell.id));
+        row.insert("model".into(), json!(cell.model));
+        row.insert("target".into(), json!(cell.target));
+        row.insert("seed".into(), json!(cell.seed));
+
+        stage("source model");
+        let t = Instant::now();
+        let ready = self.source(source, cell.seed)?;
+        row.insert("seconds_source".into(), json!(t.elapsed().as_secs_f64()));
+        row.insert("source_test_accuracy".into(), num(ready.test_accuracy));
+        if scores.is_empty() {
+            return Ok((row, ready));
+        }
+
+        stage("features");
+        let t = Instant::now();
+        let model = self.load_model(&ready.reference, cell.seed)?;
+        let ref_feats = match source.reference {
+            Some(reference) => {
+                row.insert("reference".into(), json!(reference.as_str()));
+                let ref_train = self.dataset(reference)?.0.clone();
+                let ref_idx =
+                    ref_train.sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
+                let set = self.features(
+                    &model,
+                    &ready.weights,
+                    &format!("{reference}/train"),
+                    &ref_train,
+                    &ref_idx,
+                )?;
+                row.insert("n_reference".into(), json!(set.n));
+                Some(set)
+            }
+            None => None,
+        };
+        let mut tgt_feats = self.features(
+            &model,
+            &ready.weights,
+            &sample.label,
+            &sample.data,
+            &sample.indices,
+        )?;
+        if !sample.labelled {
+            tgt_feats.labels = None;
+        }
+        row.insert("n_target".into(), json!(tgt_feats.n));
+        row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
+
+        for &kind in scores {
+            stage(kind.as_str());
+            let t = Instant::now();
+            let values = if kind.needs_reference() && ref_feats.is_none() {
+                vec![f64::NAN; kind.columns().len()]
+            } else {
+                self.score(kind, cell.seed, &model, ref_feats.as_ref(), &tgt_feats)?
+            };
+            for (col, v) in kind.columns().iter().zip(values) {
+                row.insert(col.to_string(), num(Some(v)));
+            }
+            let secs = self.add_time(kind.as_str(), t);
+            row.insert(format!("seconds_{}", kind.as_str()), json!(secs));
+        }
+        Ok((row, ready))
+    }
+}
+
+/// The target samples a cell is scored on.
+#[derive(Debug)]
+pub struct TargetSample {
+    pub data: Dataset,
+    pub indices: Vec<usize>,
+    /// Describes the data in cache keys (dataset, split, classes, or a folder).
+    pub label: String,
+    /// Whether the labels of `data` may be used.
+    pub labelled: bool,
 }
 
 /// A number, or null when absent or not finite (JSON has no NaN).

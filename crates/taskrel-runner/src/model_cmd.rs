@@ -150,7 +150,11 @@ pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset,
         .clone()
         .unwrap_or_else(|| args.data_root.join(args.dataset.as_str()));
     let (train, test) = train_test(args.dataset, &root)?;
-    Ok(if split == SplitName::Train { train } else { test })
+    Ok(if split == SplitName::Train {
+        train
+    } else {
+        test
+    })
 }
 
 fn parse_split(s: &str) -> anyhow::Result<SplitName> {

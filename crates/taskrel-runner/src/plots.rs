@@ -103,8 +103,11 @@ pub fn write(dir: &Path, rows: &[CorrelationRow]) -> anyhow::Result<Vec<PathBuf>
         }
         let png = dir.join(format!("{stem}.png"));
         let svg = dir.join(format!("{stem}.svg"));
-        draw(BitMapBackend::new(&png, (720, 520)).into_drawing_area(), row)
-            .with_context(|| format!("writing {}", png.display()))?;
+        draw(
+            BitMapBackend::new(&png, (720, 520)).into_drawing_area(),
+            row,
+        )
+        .with_context(|| format!("writing {}", png.display()))?;
         draw(SVGBackend::new(&svg, (720, 520)).into_drawing_area(), row)
             .with_context(|| format!("writing {}", svg.display()))?;
         written.push(png);

@@ -62,7 +62,9 @@ impl Store {
         if !dir.is_dir() {
             return Ok(rows);
         }
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let path = entry?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
@@ -124,8 +126,8 @@ pub struct Table {
 
 impl Table {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let mut r = csv::Reader::from_path(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let mut r =
+            csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
         let columns: Vec<String> = r
             .headers()
             .with_context(|| format!("reading {}", path.display()))?
@@ -134,8 +136,7 @@ impl Table {
             .collect();
         let mut rows = Vec::new();
         for (i, record) in r.records().enumerate() {
-            let record =
-                record.with_context(|| format!("{}: line {}", path.display(), i + 2))?;
+            let record = record.with_context(|| format!("{}: line {}", path.display(), i + 2))?;
             rows.push(record.iter().map(String::from).collect());
         }
         Ok(Self { columns, rows })

@@ -244,13 +244,23 @@ mod tests {
         (
             &[0.12, 0.55, 0.31, 0.87, 0.44, 0.91, 0.05, 0.66],
             &[0.30, 0.52, 0.41, 0.80, 0.35, 0.95, 0.10, 0.60],
-            [0.9609037353663691, 0.9761904761904763, 0.9285714285714285, 0.9614542268944369],
+            [
+                0.9609037353663691,
+                0.9761904761904763,
+                0.9285714285714285,
+                0.9614542268944369,
+            ],
         ),
         // Ties in x, in y and in both.
         (
             &[1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0, 5.0, 5.0, 6.0],
             &[2.0, 1.0, 3.0, 3.0, 3.0, 5.0, 4.0, 6.0, 6.0, 5.0],
-            [0.826839467166563, 0.8553459119496856, 0.7249999999999999, 0.6815627001515006],
+            [
+                0.826839467166563,
+                0.8553459119496856,
+                0.7249999999999999,
+                0.6815627001515006,
+            ],
         ),
         // A bound against accuracy: lower bound, higher accuracy.
         (
@@ -273,7 +283,10 @@ mod tests {
     #[test]
     fn average_ranks_and_degenerate_inputs() {
         // scipy.stats.rankdata([3, 1, 3, 2, 3]) = [4, 1, 4, 2, 4]
-        assert_eq!(rank_average(&[3.0, 1.0, 3.0, 2.0, 3.0]), [4.0, 1.0, 4.0, 2.0, 4.0]);
+        assert_eq!(
+            rank_average(&[3.0, 1.0, 3.0, 2.0, 3.0]),
+            [4.0, 1.0, 4.0, 2.0, 4.0]
+        );
         assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
         assert!(kendall_tau_b(&[1.0], &[2.0]).is_nan());
         assert!(weighted_tau(&[2.0, 2.0], &[1.0, 3.0]).is_nan());
@@ -290,7 +303,10 @@ mod tests {
         let b = bootstrap(x, y, pearson, 500, 7);
         assert_eq!(a, b, "bootstrap must be reproducible for a seed");
         close(a.value, p);
-        assert!(a.low <= a.value && a.value <= a.high && a.low > 0.5, "{a:?}");
+        assert!(
+            a.low <= a.value && a.value <= a.high && a.low > 0.5,
+            "{a:?}"
+        );
         // numpy.percentile([1, 2, 3, 4], 2.5) = 1.075
         close(percentile(&[1.0, 2.0, 3.0, 4.0], 2.5), 1.075);
         let (slope, intercept) = fit_line(&[0.0, 1.0, 2.0], &[1.0, 3.0, 5.0]).unwrap();

@@ -112,7 +112,7 @@ pub struct Exclude {
 pub struct MeasureDef {
     /// Fine-tuning modes whose test accuracy is measured.
     pub modes: Vec<Mode>,
-    /// Test samples per class (seeded) the accuracy is measured on; all when absent.
+    /// Test samples per class (at most; seeded) the accuracy is measured on; all when absent.
     pub test_per_class: Option<usize>,
 }
 
@@ -163,7 +163,7 @@ pub struct CorrelationDef {
 }
 
 /// A value with no place in the file (a default).
-fn unplaced<T>(value: T) -> Spanned<T> {
+pub fn unplaced<T>(value: T) -> Spanned<T> {
     Spanned::new(
         value,
         serde_saphyr::Location::UNKNOWN,
@@ -353,7 +353,12 @@ pub struct Plan {
 }
 
 /// An error at a place in the sweep file.
-fn at<T>(path: &Path, spanned: &Spanned<T>, key: &str, message: impl fmt::Display) -> anyhow::Error {
+fn at<T>(
+    path: &Path,
+    spanned: &Spanned<T>,
+    key: &str,
+    message: impl fmt::Display,
+) -> anyhow::Error {
     let loc = spanned.referenced;
     if loc.line() == 0 {
         anyhow::anyhow!("{}: {key}: {message}", path.display())
@@ -468,8 +473,7 @@ impl Sweep {
         }
         let mut sources = BTreeMap::new();
         for (key, def) in &self.models {
-            let (from, modality) =
-                resolve_from(
+            let (from, modality) = resolve_from(
                 path,
                 &format!("models.{key}.from"),
                 &def.from,
@@ -615,7 +619,11 @@ impl Sweep {
                         path,
                         s,
                         "score.scores",
-                        format!("unknown score {:?}; expected one of {}", s.value, valid.join(", ")),
+                        format!(
+                            "unknown score {:?}; expected one of {}",
+                            s.value,
+                            valid.join(", ")
+                        ),
                     )
                 })?;
             if !scores.contains(&kind) {

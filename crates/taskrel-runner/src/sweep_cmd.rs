@@ -170,10 +170,7 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
         let mut row = engine
             .run_cell(cell, &stage)
             .with_context(|| format!("cell {}", cell.id))?;
-        row.insert(
-            "seconds_total".into(),
-            json!(t.elapsed().as_secs_f64()),
-        );
+        row.insert("seconds_total".into(), json!(t.elapsed().as_secs_f64()));
         store.put(&cell.id, &row)?;
         results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
         ran += 1;
@@ -189,7 +186,8 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let finished = results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
+    let finished =
+        results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
     let corr = render(&out, &plan)?;
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
     let manifest = json!({
@@ -293,8 +291,12 @@ pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<
         }
     }
     let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
-    let finished =
-        results::write_cells_csv(&into.join(CELLS_CSV), &plan.columns(), &order, &target.rows()?)?;
+    let finished = results::write_cells_csv(
+        &into.join(CELLS_CSV),
+        &plan.columns(),
+        &order,
+        &target.rows()?,
+    )?;
     render(into, &plan)?;
     let manifest = json!({
         "sweep": plan.name,

@@ -112,17 +112,25 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     ] {
         let c = header.iter().position(|h| h == col).unwrap();
         for row in &rows[1..] {
-            let v: f64 = row[c].parse().unwrap_or_else(|_| panic!("{col}: {:?}", row[c]));
+            let v: f64 = row[c]
+                .parse()
+                .unwrap_or_else(|_| panic!("{col}: {:?}", row[c]));
             assert!(v.is_finite(), "{col} = {v}");
         }
     }
-    let acc = header.iter().position(|h| h == "accuracy_linear_probe").unwrap();
+    let acc = header
+        .iter()
+        .position(|h| h == "accuracy_linear_probe")
+        .unwrap();
     for row in &rows[1..] {
         let a: f64 = row[acc].parse().unwrap();
         assert!(a > 0.3 && a <= 1.0, "linear-probe accuracy {a} in {row:?}");
     }
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
-    assert!(summary.contains("| bound | linear_probe | all | 5 |"), "{summary}");
+    assert!(
+        summary.contains("| bound | linear_probe | all | 5 |"),
+        "{summary}"
+    );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["cells_finished"], 5);

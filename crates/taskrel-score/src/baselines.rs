@@ -77,6 +77,9 @@ fn symmetric_eigen(m: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
     Ok((values, evd.U().to_owned()))
 }
 
+/// Maps a label indicator `y (n)` to its coordinates `u_j^T y` on the left singular vectors.
+type Projection = Box<dyn Fn(&[f64]) -> Vec<f64>>;
+
 /// LogME (You et al., ICML 2021; the fixed-point algorithm of arXiv 2110.10545, as thuml/LogME
 /// `LogME.py`): the mean over classes of the maximum log-evidence per sample of a Bayesian
 /// linear regression from `features (n, d)` to each class indicator.
@@ -89,7 +92,7 @@ pub fn logme(features: Matrix<'_>, labels: &[u32]) -> Result<f64> {
     let k = classes(labels, n, "LogME")?;
     let f = features.to_faer();
     // sigma_j = s_j^2 and, per class, x_j = u_j^T y.
-    let (sigma, project): (Vec<f64>, Box<dyn Fn(&[f64]) -> Vec<f64>>) = if n > d {
+    let (sigma, project): (Vec<f64>, Projection) = if n > d {
         let gram = f.transpose() * &f;
         let (values, vectors) = symmetric_eigen(&gram)?;
         // Descending, rank by s > 1e-10.
@@ -178,14 +181,18 @@ pub fn logme(features: Matrix<'_>, labels: &[u32]) -> Result<f64> {
 pub fn leep(probabilities: Matrix<'_>, labels: &[u32]) -> Result<f64> {
     let (n, cs) = (probabilities.n, probabilities.d);
     let ct = classes(labels, n, "LEEP")?;
-    if probabilities.values.iter().any(|p| !(0.0..=1.0 + 1e-6).contains(p)) {
+    if probabilities
+        .values
+        .iter()
+        .any(|p| !(0.0..=1.0 + 1e-6).contains(p))
+    {
         return Err(Error::Invalid(
             "LEEP needs source-head probabilities in [0, 1] (softmax outputs)".into(),
         ));
     }
     let mut joint = vec![0.0; ct * cs];
-    for i in 0..n {
-        let y = labels[i] as usize;
+    for (i, &label) in labels.iter().enumerate() {
+        let y = label as usize;
         for (z, p) in probabilities.row(i).iter().enumerate() {
             joint[y * cs + z] += p / n as f64;
         }
@@ -197,8 +204,8 @@ pub fn leep(probabilities: Matrix<'_>, labels: &[u32]) -> Result<f64> {
         }
     }
     let mut sum = 0.0;
-    for i in 0..n {
-        let y = labels[i] as usize;
+    for (i, &label) in labels.iter().enumerate() {
+        let y = label as usize;
         let p: f64 = probabilities
             .row(i)
             .iter()

@@ -86,16 +86,35 @@ fn probabilities(n: usize, cs: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<u32
 
 fn close(got: f64, want: f64) {
     let rel = (got - want).abs() / want.abs().max(1e-12);
-    assert!(rel <= 1e-6, "got {got}, reference {want} (relative error {rel:.2e})");
+    assert!(
+        rel <= 1e-6,
+        "got {got}, reference {want} (relative error {rel:.2e})"
+    );
 }
 
 #[test]
 fn feature_scores_match_references() {
     // (n, d, k, seed) -> LogME, H-score, shrinkage H-score, 5-NN leave-one-out accuracy.
     let cases = [
-        ((60, 8, 3, 1), [-0.6419757646037846, 1.1031490980767966, 0.7794991868570567, 0.6666666666666666]),
+        (
+            (60, 8, 3, 1),
+            [
+                -0.6419757646037846,
+                1.1031490980767966,
+                0.7794991868570567,
+                0.6666666666666666,
+            ],
+        ),
         // n < d: LogME through F F^T, a singular covariance through the pseudo-inverse.
-        ((20, 30, 4, 2), [0.2257882669266525, 3.000000000000002, 1.4333615087800629, 0.7]),
+        (
+            (20, 30, 4, 2),
+            [
+                0.2257882669266525,
+                3.000000000000002,
+                1.4333615087800629,
+                0.7,
+            ],
+        ),
     ];
     for ((n, d, k, seed), [logme, hscore, shrinkage, knn]) in cases {
         let (x, y) = features(n, d, k, seed);
@@ -114,11 +133,7 @@ fn head_and_transport_scores_match_references() {
     close(baselines::leep(m, &y).unwrap(), -0.7816746101100265);
     let argmax: Vec<u32> = p
         .chunks(5)
-        .map(|r| {
-            (0..5)
-                .max_by(|&a, &b| r[a].total_cmp(&r[b]))
-                .unwrap() as u32
-        })
+        .map(|r| (0..5).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32)
         .collect();
     close(baselines::nce(&argmax, &y).unwrap(), -0.027725887222397813);
 

@@ -1,0 +1,490 @@
+//! `taskrel rank`: score every model of a zoo on a user's small target sample and rank them.
+//!
+//! A zoo file (`configs/zoos/*.yaml`) lists models as a sweep does (`from`, `train_on`,
+//! `reference`) with the pre-training and scoring settings. Sources are trained once and
+//! cached; features are cached by content, so ranking a second sample only extracts features.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use serde_saphyr::Spanned;
+use taskrel_data::{Dataset, DatasetName, Images, Inputs, Modality};
+use taskrel_models::train::TrainConfig;
+
+use crate::engine::{Engine, Row, TargetSample, sha256_hex, write_atomic};
+use crate::sweep::{
+    Cell, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef, higher_is_better,
+    unplaced,
+};
+
+/// A zoo file as written.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zoo {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub description: String,
+    pub models: BTreeMap<String, ModelDef>,
+    #[serde(default)]
+    pub pretrain: TrainConfig,
+    #[serde(default)]
+    pub score: ScoreDef,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+fn default_max_len() -> usize {
+    128
+}
+
+/// Options of `taskrel rank`.
+#[derive(Debug)]
+pub struct RankOptions {
+    pub zoo: PathBuf,
+    pub target: Option<DatasetName>,
+    pub root: Option<PathBuf>,
+    pub samples: Option<PathBuf>,
+    pub unlabeled: bool,
+    pub budget: usize,
+    pub seed: u64,
+    pub data_root: PathBuf,
+    pub cache: PathBuf,
+    pub out: Option<PathBuf>,
+    pub device: String,
+    pub json: bool,
+    pub markdown: bool,
+    pub quiet: bool,
+}
+
+/// Verdict thresholds on the task-relatedness bound, from `results/quickstart` (16 digit
+/// cells): every cell with a labelled bound at most 1.5 (label-free: 1.75) reached at least
+/// 89 % (91 %) test accuracy after full fine-tuning; cells between that and 2.5 reached 67 to
+/// 79 %; above 2.5 accuracies ranged from 67 to 94 %, so a large bound gives no assurance
+/// either way. README "Ranking a model zoo" explains them.
+const WELL_LABELLED: f64 = 1.5;
+const WELL_UNLABELED: f64 = 1.75;
+const DOUBTFUL_ABOVE: f64 = 2.5;
+
+fn verdict(bound: f64, labelled: bool) -> &'static str {
+    let well = if labelled {
+        WELL_LABELLED
+    } else {
+        WELL_UNLABELED
+    };
+    if !bound.is_finite() {
+        "no estimate (no reference task)"
+    } else if bound <= well {
+        "likely to transfer well"
+    } else if bound <= DOUBTFUL_ABOVE {
+        "doubtful"
+    } else {
+        "no assurance (large bound)"
+    }
+}
+
+/// Reads a user's own samples: a folder of images (one sub-folder per class, or images
+/// directly inside for an unlabeled sample) or a CSV of texts (`text` or `label,text` rows).
+fn read_samples(path: &Path) -> anyhow::Result<(Dataset, bool)> {
+    if path.is_file() {
+        return read_text_csv(path);
+    }
+    if !path.is_dir() {
+        bail!("{}: no such file or folder", path.display());
+    }
+    let mut subdirs: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for entry in std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
+        let p = entry?.path();
+        if p.is_dir() {
+            subdirs.push(p);
+        } else if is_image(&p) {
+            files.push(p);
+        }
+    }
+    subdirs.sort();
+    files.sort();
+    let labelled = !subdirs.is_empty();
+    let mut labelled_files: Vec<(PathBuf, u32)> = Vec::new();
+    let mut classes = Vec::new();
+    if labelled {
+        for (c, dir) in subdirs.iter().enumerate() {
+            classes.push(
+                dir.file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            );
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("listing {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_image(p))
+                .collect();
+            inner.sort();
+            labelled_files.extend(inner.into_iter().map(|p| (p, c as u32)));
+        }
+    } else {
+        classes.push("unlabeled".to_string());
+        labelled_files.extend(files.into_iter().map(|p| (p, 0)));
+    }
+    if labelled_files.is_empty() {
+        bail!(
+            "{}: no .png/.jpg/.jpeg images found (expected one sub-folder per class, or images directly inside)",
+            path.display()
+        );
+    }
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    let mut shape: Option<(u32, u32, usize)> = None;
+    for (file, label) in &labelled_files {
+        let img = image::open(file).with_context(|| format!("decoding {}", file.display()))?;
+        let channels = if img.color().has_color() { 3 } else { 1 };
+        let (w, h) = (img.width(), img.height());
+        match shape {
+            None => shape = Some((w, h, channels)),
+            Some(s) if s != (w, h, channels) => bail!(
+                "{}: {w}x{h} with {channels} channel(s), but the first image is {}x{} with {} channel(s); \
+                 resize the sample to one size",
+                file.display(),
+                s.0,
+                s.1,
+                s.2
+            ),
+            Some(_) => {}
+        }
+        if channels == 3 {
+            // Channel-first (C, H, W), as the datasets store images.
+            let rgb = img.to_rgb8();
+            for c in 0..3 {
+                pixels.extend(rgb.pixels().map(|p| p.0[c]));
+            }
+        } else {
+            pixels.extend(img.to_luma8().into_raw());
+        }
+        labels.push(*label);
+    }
+    let (w, h, channels) = shape.context("no images")?;
+    let images = Images {
+        pixels,
+        n: labels.len(),
+        channels,
+        height: h as usize,
+        width: w as usize,
+    };
+    Ok((
+        Dataset {
+            inputs: Inputs::Images(images),
+            labels,
+            classes,
+        },
+        labelled,
+    ))
+}
+
+fn is_image(p: &Path) -> bool {
+    matches!(
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
+        Some("png" | "jpg" | "jpeg")
+    )
+}
+
+fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut texts = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut labels = Vec::new();
+    let mut labelled: Option<bool> = None;
+    for (i, rec) in reader.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        let this_labelled = rec.len() >= 2;
+        if *labelled.get_or_insert(this_labelled) != this_labelled {
+            bail!(
+                "{}: line {}: expected {} field(s) like the first row (`label,text` or `text`)",
+                path.display(),
+                i + 1,
+                if this_labelled { 1 } else { 2 }
+            );
+        }
+        if this_labelled {
+            let name = rec[0].trim().to_string();
+            let id = match names.iter().position(|n| *n == name) {
+                Some(id) => id,
+                None => {
+                    names.push(name);
+                    names.len() - 1
+                }
+            };
+            labels.push(id as u32);
+            texts.push(rec[1].to_string());
+        } else {
+            labels.push(0);
+            texts.push(rec[0].to_string());
+        }
+    }
+    if texts.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    let labelled = labelled.unwrap_or(false);
+    Ok((
+        Dataset {
+            inputs: Inputs::Texts(texts),
+            labels,
+            classes: if labelled {
+                names
+            } else {
+                vec!["unlabeled".into()]
+            },
+        },
+        labelled,
+    ))
+}
+
+/// The target sample: `budget` samples (stratified when labels are used, a seeded random
+/// draw otherwise).
+fn draw(data: &Dataset, labelled: bool, budget: usize, seed: u64) -> anyhow::Result<Vec<usize>> {
+    if labelled {
+        let per_class = (budget / data.num_classes().max(1)).max(2);
+        Ok(data.sample_at_most_per_class(per_class, seed))
+    } else {
+        let mut all: Vec<usize> = (0..data.len()).collect();
+        all.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        all.truncate(budget);
+        all.sort_unstable();
+        Ok(all)
+    }
+}
+
+/// `taskrel rank`.
+pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&opts.zoo)
+        .with_context(|| format!("reading {}", opts.zoo.display()))?;
+    let zoo: Zoo = crate::yaml::parse(&text, &opts.zoo)?;
+    let (data, labelled_data, what, modality) = match (&opts.target, &opts.samples) {
+        (Some(name), None) => {
+            let root = opts
+                .root
+                .clone()
+                .unwrap_or_else(|| opts.data_root.join(name.as_str()));
+            let ((train, label), _) = crate::model_cmd::train_test(*name, &root)?;
+            (train, true, label, name.modality())
+        }
+        (None, Some(path)) => {
+            let (data, labelled) = read_samples(path)?;
+            let modality = data.modality();
+            (
+                data,
+                labelled,
+                format!("samples {}", path.display()),
+                modality,
+            )
+        }
+        _ => bail!("give either --target <dataset> or --samples <folder or csv>"),
+    };
+    let labelled = labelled_data && !opts.unlabeled;
+    // A stand-in target of the right modality makes the zoo a one-target sweep; its data are
+    // never read, the sample above is scored instead.
+    let stand_in = match modality {
+        Modality::Image => "mnist",
+        Modality::Text => "ag_news",
+    };
+    let requested: Vec<ScoreKind> = zoo
+        .score
+        .scores
+        .iter()
+        .filter_map(|s| ScoreKind::ALL.into_iter().find(|k| k.as_str() == s.value))
+        .collect();
+    let scores: Vec<ScoreKind> = if labelled {
+        requested
+            .iter()
+            .copied()
+            .filter(|k| *k != ScoreKind::RelatednessUnlabeled)
+            .collect()
+    } else {
+        vec![ScoreKind::RelatednessUnlabeled]
+    };
+    // The plan validates models and targets only: models without a reference task are
+    // allowed here and get no task-relatedness.
+    let mut score_def = zoo.score;
+    score_def.scores.clear();
+    let sweep = Sweep {
+        name: zoo.name,
+        description: zoo.description,
+        targets: BTreeMap::from([(
+            "target".to_string(),
+            TargetDef {
+                dataset: unplaced(stand_in.to_string()),
+                classes: None,
+            },
+        )]),
+        grid: Grid {
+            model: zoo.models.keys().map(|k| unplaced(k.clone())).collect(),
+            target: vec![unplaced("target".to_string())],
+            seed: vec![opts.seed],
+        },
+        models: zoo.models,
+        exclude: Vec::new(),
+        pretrain: zoo.pretrain,
+        finetune: TrainConfig::default(),
+        measure: MeasureDef::default(),
+        score: score_def,
+        correlations: Vec::new(),
+        max_len: zoo.max_len,
+    };
+    let plan = sweep.plan(&opts.zoo, &opts.data_root, true)?;
+    let indices = draw(&data, labelled, opts.budget, opts.seed)?;
+    let sample = TargetSample {
+        label: format!(
+            "{what} ({} samples, content {})",
+            indices.len(),
+            &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16]
+        ),
+        indices,
+        data,
+        labelled,
+    };
+    let device = taskrel_models::device(&opts.device)?;
+    let mut engine = Engine::new(&plan, &opts.data_root, &opts.cache, device);
+    let bar = ProgressBar::new(plan.cells.len() as u64);
+    if opts.quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("rank [{elapsed_precise}] {bar:30} {pos}/{len} models  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for cell in &plan.cells {
+        let stage = |s: &str| bar.set_message(format!("{}: {s}", cell.model));
+        let cell = Cell {
+            id: cell.model.clone(),
+            ..cell.clone()
+        };
+        let (row, _) = engine
+            .score_cell(&cell, &scores, &sample, &stage)
+            .with_context(|| format!("model {}", cell.model))?;
+        rows.push(row);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let key = if labelled { "bound" } else { "bound_unlabeled" };
+    let value = |r: &Row, c: &str| r.get(c).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    rows.sort_by(|a, b| {
+        let (x, y) = (value(a, key), value(b, key));
+        // Finite bounds first, smallest first.
+        x.is_nan().cmp(&y.is_nan()).then(x.total_cmp(&y))
+    });
+    let mut columns: Vec<String> = vec![key.to_string()];
+    for s in &scores {
+        for c in s.columns() {
+            if *c != key && !c.ends_with("_unlabeled") && *c != "tau" {
+                columns.push(c.to_string());
+            }
+        }
+    }
+    let ranked: Vec<Value> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut o = serde_json::Map::new();
+            o.insert("rank".into(), json!(i + 1));
+            o.insert(
+                "model".into(),
+                r.get("model").cloned().unwrap_or(Value::Null),
+            );
+            for c in &columns {
+                o.insert(c.clone(), r.get(c).cloned().unwrap_or(Value::Null));
+            }
+            o.insert("verdict".into(), json!(verdict(value(r, key), labelled)));
+            Value::Object(o)
+        })
+        .collect();
+    let report = json!({
+        "zoo": plan.name,
+        "target": what,
+        "n_target": sample.indices.len(),
+        "labels_used": labelled,
+        "ranked_by": format!("{key} (smaller is better)"),
+        "models": ranked,
+    });
+    let mut md = format!(
+        "Ranking of zoo `{}` for {} ({} samples, target labels {}), by {key} (smaller predicts better transfer)\n\n",
+        plan.name,
+        what,
+        sample.indices.len(),
+        if labelled { "used" } else { "not used" }
+    );
+    md.push_str(&format!(
+        "| rank | model | {} | verdict |\n",
+        columns.join(" | ")
+    ));
+    md.push_str(&format!(
+        "|---:|---|{}---|\n",
+        "---:|".repeat(columns.len())
+    ));
+    for (i, r) in rows.iter().enumerate() {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let v = value(r, c);
+                if v.is_finite() {
+                    format!("{v:.4}")
+                } else {
+                    "-".into()
+                }
+            })
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            i + 1,
+            r.get("model").and_then(Value::as_str).unwrap_or("?"),
+            cells.join(" | "),
+            verdict(value(r, key), labelled)
+        ));
+    }
+    let other: Vec<&String> = columns
+        .iter()
+        .skip(1)
+        .filter(|c| {
+            ScoreKind::ALL
+                .iter()
+                .any(|k| k.columns()[0] == c.as_str() && higher_is_better(c))
+        })
+        .collect();
+    if !other.is_empty() {
+        md.push_str(&format!(
+            "\nBaselines ({}) are larger-is-better. Verdicts follow README \"Ranking a model zoo\".\n",
+            other.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Some(out) = &opts.out {
+        write_atomic(
+            &out.join("rank.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        write_atomic(&out.join("rank.md"), md.as_bytes())?;
+    }
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{md}");
+        if !opts.markdown
+            && let Some(out) = &opts.out
+        {
+            println!("\nwritten to {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `taskrel rank` on real models and data: a fetched dataset without labels, and a user's own
+//! folder of images with labels.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn data_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
+    root
+}
+
+const ZOO: &str = "name: test-zoo
+models:
+  ccexam_mnist: {from: models/ccexam/mnist.pth, reference: mnist}
+  ccexam_usps: {from: models/ccexam/usps.pth, reference: usps}
+score:
+  scores: [relatedness, logme, leep, nce, hscore, knn]
+  reference_per_class: 50
+  relatedness: {iterations: 100, batch_size: 200}
+";
+
+fn rank(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let zoo = dir.join("zoo.yaml");
+    std::fs::write(&zoo, ZOO).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args(["rank", "--zoo", zoo.to_str().unwrap(), "--json", "--quiet"])
+        .args(["--cache", dir.join("cache").to_str().unwrap()])
+        .arg("--data-root")
+        .arg(data_root())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn unlabeled_usps_ranks_the_usps_cnn_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rank(
+        tmp.path(),
+        &["--target", "usps", "--unlabeled", "--budget", "100"],
+    );
+    assert_eq!(r["labels_used"], false);
+    assert_eq!(r["n_target"], 100);
+    let models = r["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["model"], "ccexam_usps", "{r:#}");
+    let (a, b) = (
+        models[0]["bound_unlabeled"].as_f64().unwrap(),
+        models[1]["bound_unlabeled"].as_f64().unwrap(),
+    );
+    assert!(a < b && a.is_finite(), "{a} {b}");
+    assert!(models[0]["verdict"].is_string());
+}
+
+#[test]
+fn a_folder_of_labelled_images_gets_every_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let splits =
+        taskrel_data::load(taskrel_data::DatasetName::Usps, &data_root().join("usps")).unwrap();
+    let test = splits.test.unwrap();
+    let taskrel_data::Inputs::Images(images) = &test.inputs else {
+        panic!("USPS holds images")
+    };
+    let samples = tmp.path().join("samples");
+    let mut written = [0usize; 2];
+    for i in 0..test.len() {
+        let class = test.labels[i] as usize;
+        if class > 1 || written[class] == 12 {
+            continue;
+        }
+        let dir = samples.join(["zero", "one"][class]);
+        std::fs::create_dir_all(&dir).unwrap();
+        let px = images.pixels[i * 256..(i + 1) * 256].to_vec();
+        image::GrayImage::from_raw(16, 16, px)
+            .unwrap()
+            .save(dir.join(format!("{i}.png")))
+            .unwrap();
+        written[class] += 1;
+    }
+    let r = rank(tmp.path(), &["--samples", samples.to_str().unwrap()]);
+    assert_eq!(r["labels_used"], true);
+    assert_eq!(r["n_target"], 24);
+    for m in r["models"].as_array().unwrap() {
+        for score in ["bound", "logme", "leep", "nce", "hscore", "knn"] {
+            assert!(m[score].as_f64().unwrap().is_finite(), "{score} in {m}");
+        }
+    }
+    // One image of another size is refused with its name.
+    let odd = samples.join("one/odd.png");
+    image::GrayImage::new(8, 8).save(&odd).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args([
+            "rank",
+            "--zoo",
+            tmp.path().join("zoo.yaml").to_str().unwrap(),
+        ])
+        .args(["--samples", samples.to_str().unwrap(), "--quiet"])
+        .arg("--data-root")
+        .arg(data_root())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("odd.png") && err.contains("8x8"), "{err}");
+}
