@@ -158,3 +158,41 @@ pub fn train_step(
     }
     Ok(())
 }
+
+/// LogME on `n x d` features of `k` classes (features from the 32-bit LCG, seed 11, plus 0.5
+/// on the dimensions `j % k == label`; labels `i % k`), as `scripts/bench/logme_numpy.py`
+/// builds them for thuml/LogME.
+pub fn logme(n: usize, d: usize, k: usize, reps: usize, json: bool) -> anyhow::Result<()> {
+    let raw = lcg(11, n * d);
+    let labels: Vec<u32> = (0..n).map(|i| (i % k) as u32).collect();
+    let x: Vec<f64> = raw
+        .iter()
+        .enumerate()
+        .map(|(idx, &v)| {
+            let (i, j) = (idx / d, idx % d);
+            f64::from(v) + if j % k == i % k { 0.5 } else { 0.0 }
+        })
+        .collect();
+    let m = taskrel_score::baselines::Matrix::new(&x, n, d)?;
+    let mut times = Vec::new();
+    let mut score = f64::NAN;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        score = taskrel_score::baselines::logme(m, &labels)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let best = times[0];
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"n": n, "d": d, "classes": k, "logme": score, "best_seconds": best})
+        );
+    } else {
+        println!(
+            "LogME n = {n}, d = {d}, {k} classes: {score:.10} in {best:.3} s (best of {})",
+            times.len()
+        );
+    }
+    Ok(())
+}

@@ -271,6 +271,19 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// LogME on synthetic features (compare: scripts/bench/logme_numpy.py with thuml/LogME).
+    Logme {
+        #[arg(long, default_value_t = 5000)]
+        n: usize,
+        #[arg(long, default_value_t = 1024)]
+        d: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Loading a dataset: wall time and peak memory.
     Data {
         name: taskrel_data::DatasetName,
@@ -405,6 +418,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => bench_cmd::train_step(&model, &data_root, batch_size, steps, max_len, json),
+        Command::Bench {
+            what:
+                Bench::Logme {
+                    n,
+                    d,
+                    classes,
+                    reps,
+                    json,
+                },
+        } => bench_cmd::logme(n, d, classes, reps, json),
         Command::Bench {
             what: Bench::Data { name, root, json },
         } => {

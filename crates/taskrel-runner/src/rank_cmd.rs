@@ -64,10 +64,10 @@ pub struct RankOptions {
 }
 
 /// Verdict thresholds on the task-relatedness bound, from `results/quickstart` (16 digit
-/// cells): every cell with a labelled bound at most 1.5 (label-free: 1.75) reached at least
-/// 89 % (91 %) test accuracy after full fine-tuning; cells between that and 2.5 reached 67 to
-/// 79 %; above 2.5 accuracies ranged from 67 to 94 %, so a large bound gives no assurance
-/// either way. README "Ranking a model zoo" explains them.
+/// cells, full fine-tuning on 50 images per class): every cell with a labelled bound at most
+/// 1.5 (label-free: 1.75) reached at least 91 % test accuracy; cells between that and 2.5
+/// reached 71 to 94 % (label-free: 71 to 99 %); above 2.5 accuracies ranged from 69 to 98 %,
+/// so a large bound gives no assurance either way. README "Ranking a model zoo" explains them.
 const WELL_LABELLED: f64 = 1.5;
 const WELL_UNLABELED: f64 = 1.75;
 const DOUBTFUL_ABOVE: f64 = 2.5;
@@ -394,6 +394,8 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
             }
         }
     }
+    // Columns no model has a value for (e.g. pseudo-label agreement without labels) are left out.
+    columns.retain(|c| rows.iter().any(|r| value(r, c).is_finite()));
     let ranked: Vec<Value> = rows
         .iter()
         .enumerate()
