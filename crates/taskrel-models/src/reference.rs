@@ -71,6 +71,11 @@ pub struct LoadOptions {
     pub max_len: usize,
     /// Hugging Face Hub cache folder; `None` uses `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
     pub hub_cache: Option<PathBuf>,
+    /// Keep only the first this many transformer layers of a BERT model (a truncation).
+    pub layers: Option<usize>,
+    /// Draw a BERT model's weights from `seed` instead of loading them: the untrained model
+    /// of the same shape and tokenizer.
+    pub random_init: bool,
 }
 
 impl Default for LoadOptions {
@@ -80,6 +85,8 @@ impl Default for LoadOptions {
             seed: 0,
             max_len: text::DEFAULT_MAX_LEN,
             hub_cache: None,
+            layers: None,
+            random_init: false,
         }
     }
 }
@@ -90,6 +97,14 @@ fn digit_classes() -> Vec<String> {
 
 /// Loads the model a reference points to.
 pub fn load(reference: &ModelRef, options: &LoadOptions) -> Result<Model> {
+    let text_only = options.layers.is_some() || options.random_init;
+    let is_text = matches!(reference, ModelRef::Hub(_))
+        || matches!(reference, ModelRef::Path(p) if p.is_dir() && !p.join(SPEC_FILE).is_file());
+    if text_only && !is_text {
+        return Err(Error::Invalid(format!(
+            "{reference}: layer truncation and random initialisation apply to BERT model folders only"
+        )));
+    }
     match reference {
         ModelRef::Lenet200 => {
             let spec = cnn::spec(
@@ -211,7 +226,25 @@ pub fn random_bert(
 }
 
 fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<Model> {
-    let config = text::read_config(&files.config)?;
+    let mut config = text::read_config(&files.config)?;
+    let mut origin = origin.to_string();
+    if let Some(layers) = options.layers {
+        let total = config
+            .get("num_hidden_layers")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as usize;
+        if layers == 0 || layers > total {
+            return Err(Error::file(
+                &files.config,
+                format!("cannot keep {layers} layers of a model with {total}"),
+            ));
+        }
+        config["num_hidden_layers"] = serde_json::Value::from(layers);
+        origin = format!("{origin} (first {layers} of {total} layers)");
+    }
+    if options.random_init {
+        origin = format!("{origin}, random weights (seed {})", options.seed);
+    }
     let parsed = text::bert_config(&config, &files.config)?;
     let spec = ModelSpec {
         arch: Arch::Bert,
@@ -221,9 +254,13 @@ fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<M
         bert: Some(config),
         feature_dim: parsed.hidden_size,
         classes: Vec::new(),
-        origin: origin.to_string(),
+        origin,
     };
-    let model = build_text(spec, &files.tokenizer, &files.config, options)?;
+    let mut model = build_text(spec, &files.tokenizer, &files.config, options)?;
+    if options.random_init {
+        model.reinitialize(options.seed)?;
+        return Ok(model);
+    }
     let tensors = candle_core::safetensors::load(&files.weights, &Device::Cpu)?;
     model.assign(&files.weights, tensors.into_iter().collect(), |name| {
         Some(name.strip_prefix("bert.").unwrap_or(name).to_string())

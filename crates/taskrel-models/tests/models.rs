@@ -99,6 +99,67 @@ fn minilm_matches_sentence_transformers() {
     assert!((norm - 1.0).abs() < 1e-5);
 }
 
+fn embed(m: &taskrel_models::Model, text: &str) -> Vec<f32> {
+    let data = Dataset {
+        inputs: Inputs::Texts(vec![text.into()]),
+        labels: vec![0],
+        classes: vec!["x".into()],
+    };
+    train::features(m, &data, &[0], 1, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn minilm_truncations_and_random_init() {
+    let path: ModelRef = weights("all-MiniLM-L6-v2").parse().unwrap();
+    let with = |layers: Option<usize>, random_init: bool, seed: u64| {
+        load(
+            &path,
+            &LoadOptions {
+                layers,
+                random_init,
+                seed,
+                ..Default::default()
+            },
+        )
+    };
+    // transformers 5.24: config = AutoConfig.from_pretrained(d); config.num_hidden_layers = 2
+    // AutoModel.from_pretrained(d, config=config), mean pooling over the attention mask, then
+    // L2 normalisation, on "This is an example sentence"
+    // -> [-0.0148, -0.0029, 0.0004, -0.037, -0.0089]
+    let two = with(Some(2), false, 0).unwrap();
+    assert_eq!(two.spec.bert.as_ref().unwrap()["num_hidden_layers"], 2);
+    let v = embed(&two, "This is an example sentence");
+    for (got, want) in v.iter().zip([-0.0148, -0.0029, 0.0004, -0.037, -0.0089]) {
+        assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+    }
+    let a = embed(&with(None, true, 3).unwrap(), "a sentence");
+    let b = embed(&with(None, true, 3).unwrap(), "a sentence");
+    let c = embed(&with(None, true, 4).unwrap(), "a sentence");
+    assert_eq!(a, b, "random weights are a function of the seed");
+    assert_ne!(a, c);
+    let err = with(Some(7), false, 0).err().unwrap().to_string();
+    assert!(
+        err.contains("cannot keep 7 layers of a model with 6"),
+        "{err}"
+    );
+    let err = load(
+        &weights("ccexam/mnist.pth").parse().unwrap(),
+        &LoadOptions {
+            layers: Some(2),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("BERT model folders only"), "{err}");
+}
+
 #[test]
 fn lenet200_learns_mnist_transfers_to_usps_and_checkpoints_exactly() {
     let mnist_train = split(DatasetName::Mnist, true);

@@ -120,6 +120,9 @@ pub struct ReadySource {
     pub reference: ModelRef,
     pub weights: String,
     pub test_accuracy: Option<f64>,
+    /// BERT truncation and random initialisation, applied when `reference` is loaded.
+    pub layers: Option<usize>,
+    pub random_init: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,18 +157,30 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn options(&self, seed: u64) -> LoadOptions {
+    fn options(&self, seed: u64, layers: Option<usize>, random_init: bool) -> LoadOptions {
         LoadOptions {
             device: self.device.clone(),
             seed,
             max_len: self.plan.sweep.max_len,
             hub_cache: None,
+            layers,
+            random_init,
         }
     }
 
-    fn load_model(&self, reference: &ModelRef, seed: u64) -> anyhow::Result<Model> {
-        taskrel_models::load(reference, &self.options(seed))
+    fn load_with(
+        &self,
+        reference: &ModelRef,
+        seed: u64,
+        layers: Option<usize>,
+        random_init: bool,
+    ) -> anyhow::Result<Model> {
+        taskrel_models::load(reference, &self.options(seed, layers, random_init))
             .with_context(|| format!("loading model {reference}"))
+    }
+
+    fn load_ready(&self, ready: &ReadySource, seed: u64) -> anyhow::Result<Model> {
+        self.load_with(&ready.reference, seed, ready.layers, ready.random_init)
     }
 
     /// Train and test splits of a dataset, loaded once.
@@ -193,18 +208,29 @@ impl<'a> Engine<'a> {
             return Ok(ready.clone());
         }
         let base: ModelRef = source.from.parse()?;
-        let base_hash = weights_hash(&source.from)?;
+        let mut base_hash = weights_hash(&source.from)?;
+        if source.layers.is_some() || source.random_init {
+            base_hash = sha256_hex(
+                format!(
+                    "{base_hash} layers {:?} random {}",
+                    source.layers, source.random_init
+                )
+                .as_bytes(),
+            );
+        }
         let ready = match source.train_on {
             None => {
-                let test_accuracy = match source.reference {
-                    Some(d) => self.source_accuracy(&base, &base_hash, d)?,
-                    None => None,
-                };
-                ReadySource {
+                let mut ready = ReadySource {
                     reference: base,
                     weights: base_hash,
-                    test_accuracy,
+                    test_accuracy: None,
+                    layers: source.layers,
+                    random_init: source.random_init,
+                };
+                if let Some(d) = source.reference {
+                    ready.test_accuracy = self.source_accuracy(&ready, seed, d)?;
                 }
+                ready
             }
             Some(train_on) => {
                 let mut cfg: TrainConfig = self.plan.sweep.pretrain.clone();
@@ -213,14 +239,14 @@ impl<'a> Engine<'a> {
                     serde_json::to_string(&json!({
                         "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.as_str(),
                         "config": cfg, "max_len": self.plan.sweep.max_len,
-                        "test_per_class": self.plan.sweep.measure.test_per_class,
                     }))?
                     .as_bytes(),
                 );
                 let dir = self.cache.join("models").join(&key);
                 let record_path = dir.join("source.json");
                 if !record_path.is_file() {
-                    self.train_source(&base, &source.from, train_on, &cfg, &dir)?;
+                    let model = self.load_with(&base, seed, source.layers, source.random_init)?;
+                    self.train_source(model, &base, &source.from, train_on, &cfg, &dir)?;
                 }
                 let record: SourceRecord = serde_json::from_slice(
                     &std::fs::read(&record_path)
@@ -231,6 +257,8 @@ impl<'a> Engine<'a> {
                     weights: weights_hash(&dir.display().to_string())?,
                     reference: ModelRef::Path(dir),
                     test_accuracy: record.test_accuracy,
+                    layers: None,
+                    random_init: false,
                 }
             }
         };
@@ -241,6 +269,7 @@ impl<'a> Engine<'a> {
 
     fn train_source(
         &mut self,
+        mut model: Model,
         base: &ModelRef,
         from: &str,
         train_on: DatasetName,
@@ -248,14 +277,14 @@ impl<'a> Engine<'a> {
         dir: &Path,
     ) -> anyhow::Result<()> {
         let start = Instant::now();
-        let mut model = self.load_model(base, cfg.seed)?;
         let train_set = self.dataset(train_on)?.0.clone();
         if *base == ModelRef::Lenet200 {
             train::train(&mut model, &train_set, cfg, true)?;
         } else {
             train::fine_tune(&mut model, &train_set, train::Mode::Full, cfg, true)?;
         }
-        let test_set = self.source_test_set(train_on)?;
+        // The whole test split, so that sweeps and zoos with other budgets share the entry.
+        let test_set = self.dataset(train_on)?.1.clone();
         let test = train::evaluate(&model, &test_set, 256, true)?;
         model.spec.origin = format!("{from} trained on {train_on}/train (seed {})", cfg.seed);
         let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
@@ -293,10 +322,11 @@ impl<'a> Engine<'a> {
     /// Test accuracy of a given model's own head on its reference task, when the head fits.
     fn source_accuracy(
         &mut self,
-        base: &ModelRef,
-        hash: &str,
+        ready: &ReadySource,
+        seed: u64,
         reference: DatasetName,
     ) -> anyhow::Result<Option<f64>> {
+        let hash = &ready.weights;
         let path = self.cache.join("source-eval").join(format!(
             "{hash}-{reference}-{}.json",
             self.plan
@@ -311,9 +341,9 @@ impl<'a> Engine<'a> {
             return Ok(record.test_accuracy);
         }
         let start = Instant::now();
-        let model = self.load_model(base, 0)?;
+        let model = self.load_ready(ready, seed)?;
         let test_set = self.source_test_set(reference)?;
-        let accuracy = if model.spec.num_classes() == test_set.num_classes() {
+        let accuracy = if model.has_head() && model.spec.num_classes() == test_set.num_classes() {
             Some(train::evaluate(&model, &test_set, 256, true)?.accuracy)
         } else {
             None
@@ -487,7 +517,7 @@ impl<'a> Engine<'a> {
         for &mode in &plan.sweep.measure.modes {
             stage(&format!("fine-tune {}", mode.as_str()));
             let t = Instant::now();
-            let mut model = self.load_model(&ready.reference, cell.seed)?;
+            let mut model = self.load_ready(&ready, cell.seed)?;
             let mut cfg = plan.sweep.finetune.clone();
             cfg.seed = cell.seed;
             train::fine_tune(&mut model, &target_train, mode, &cfg, true)?;
@@ -527,7 +557,7 @@ impl<'a> Engine<'a> {
 
         stage("features");
         let t = Instant::now();
-        let model = self.load_model(&ready.reference, cell.seed)?;
+        let model = self.load_ready(&ready, cell.seed)?;
         let ref_feats = match source.reference {
             Some(reference) => {
                 row.insert("reference".into(), json!(reference.as_str()));

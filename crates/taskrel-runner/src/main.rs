@@ -193,47 +193,7 @@ enum Command {
         data_root: PathBuf,
     },
     /// Rank the models of a zoo for a small target sample: task-relatedness and baselines.
-    Rank {
-        /// Zoo file (configs/zoos/*.yaml).
-        #[arg(long)]
-        zoo: PathBuf,
-        /// A fetched dataset as the target (its train split).
-        #[arg(long, conflicts_with = "samples", required_unless_present = "samples")]
-        target: Option<taskrel_data::DatasetName>,
-        /// Folder holding the target dataset's files (default: <data-root>/<target>).
-        #[arg(long, requires = "target")]
-        root: Option<PathBuf>,
-        /// Your own sample: a folder of images (one sub-folder per class, or none for an
-        /// unlabeled sample) or a CSV of texts (`label,text` or `text` rows).
-        #[arg(long)]
-        samples: Option<PathBuf>,
-        /// Do not use target labels even when present (label-free task-relatedness only).
-        #[arg(long)]
-        unlabeled: bool,
-        /// Target samples scored.
-        #[arg(long, default_value_t = 300)]
-        budget: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "data")]
-        data_root: PathBuf,
-        /// Cache of trained sources and features.
-        #[arg(long, default_value = "results/.cache")]
-        cache: PathBuf,
-        /// Also write rank.md and rank.json to this folder.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Print JSON instead of the markdown table.
-        #[arg(long, conflicts_with = "markdown")]
-        json: bool,
-        /// Print the markdown table only.
-        #[arg(long)]
-        markdown: bool,
-        #[arg(long)]
-        quiet: bool,
-    },
+    Rank(rank_cmd::RankOptions),
     /// The pooled embedding of one text.
     Embed {
         #[arg(long)]
@@ -367,37 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 quiet,
             },
         ),
-        Command::Rank {
-            zoo,
-            target,
-            root,
-            samples,
-            unlabeled,
-            budget,
-            seed,
-            data_root,
-            cache,
-            out,
-            device,
-            json,
-            markdown,
-            quiet,
-        } => rank_cmd::rank(&rank_cmd::RankOptions {
-            zoo,
-            target,
-            root,
-            samples,
-            unlabeled,
-            budget,
-            seed,
-            data_root,
-            cache,
-            out,
-            device,
-            json,
-            markdown,
-            quiet,
-        }),
+        Command::Rank(options) => rank_cmd::rank(&options),
         Command::Report { dir, data_root } => sweep_cmd::report(&dir, &data_root),
         Command::Merge {
             dirs,

@@ -171,7 +171,7 @@ fn load_model(reference: &str, run: &RunArgs, seed: u64) -> anyhow::Result<Model
         device: taskrel_models::device(&run.device)?,
         seed,
         max_len: run.max_len,
-        hub_cache: None,
+        ..Default::default()
     };
     taskrel_models::load(&reference, &options).with_context(|| format!("loading model {reference}"))
 }

@@ -45,21 +45,49 @@ fn default_max_len() -> usize {
 }
 
 /// Options of `taskrel rank`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct RankOptions {
+    /// Zoo file (configs/zoos/*.yaml).
+    #[arg(long)]
     pub zoo: PathBuf,
+    /// A fetched dataset as the target (its train split).
+    #[arg(long, conflicts_with = "samples", required_unless_present = "samples")]
     pub target: Option<DatasetName>,
+    /// Folder holding the target dataset's files (default: <data-root>/<target>).
+    #[arg(long, requires = "target")]
     pub root: Option<PathBuf>,
+    /// Your own sample: a folder of images (one sub-folder per class, or none for an
+    /// unlabeled sample) or a CSV of texts (`label,text` or `text` rows).
+    #[arg(long)]
     pub samples: Option<PathBuf>,
+    /// Do not use target labels even when present (label-free task-relatedness only).
+    #[arg(long)]
     pub unlabeled: bool,
+    /// Target samples scored.
+    #[arg(long, default_value_t = 300)]
     pub budget: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Folder of fetched datasets and weights.
+    #[arg(long, default_value = "data")]
     pub data_root: PathBuf,
+    /// Cache of trained sources and features.
+    #[arg(long, default_value = "results/.cache")]
     pub cache: PathBuf,
+    /// Also write rank.md and rank.json to this folder.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Print JSON instead of the markdown table.
+    #[arg(long, conflicts_with = "markdown")]
     pub json: bool,
+    /// Print the markdown table only.
+    #[arg(long)]
     pub markdown: bool,
+    /// No progress bar.
+    #[arg(long)]
     pub quiet: bool,
 }
 

@@ -68,6 +68,12 @@ pub struct ModelDef {
     /// The reference task: the dataset the model was trained on (default: `train_on`).
     #[serde(default)]
     pub reference: Option<Spanned<String>>,
+    /// BERT models: keep the first this many transformer layers.
+    #[serde(default)]
+    pub layers: Option<usize>,
+    /// BERT models: weights drawn from the seed (the untrained model of the same shape).
+    #[serde(default)]
+    pub random_init: bool,
 }
 
 /// A target task.
@@ -292,6 +298,8 @@ pub struct Source {
     pub modality: Modality,
     pub train_on: Option<DatasetName>,
     pub reference: Option<DatasetName>,
+    pub layers: Option<usize>,
+    pub random_init: bool,
 }
 
 /// A target task.
@@ -378,8 +386,27 @@ fn dataset(path: &Path, key: &str, name: &Spanned<String>) -> anyhow::Result<Dat
         .map_err(|e| at(path, name, key, e))
 }
 
-fn names<V>(map: &BTreeMap<String, V>) -> String {
-    map.keys().cloned().collect::<Vec<_>>().join(", ")
+/// Checks that `name` is a key of `map` (models or targets), else names the defined ones.
+fn known<V>(
+    path: &Path,
+    map: &BTreeMap<String, V>,
+    name: &Spanned<String>,
+    key: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    if map.contains_key(&name.value) {
+        return Ok(());
+    }
+    let defined = map.keys().cloned().collect::<Vec<_>>().join(", ");
+    Err(at(
+        path,
+        name,
+        key,
+        format!(
+            "unknown {what} {:?}; {what}s defined: {defined}",
+            name.value
+        ),
+    ))
 }
 
 /// Resolves a model's `from`, checking that local files exist.
@@ -489,6 +516,14 @@ impl Sweep {
                 Some(d) => Some(dataset(path, &format!("models.{key}.reference"), d)?),
                 None => train_on,
             };
+            if (def.layers.is_some() || def.random_init) && modality != Modality::Text {
+                return Err(at(
+                    path,
+                    &def.from,
+                    &format!("models.{key}"),
+                    "`layers` and `random_init` apply to BERT models only",
+                ));
+            }
             if from == "lenet200" && train_on.is_none() {
                 return Err(at(
                     path,
@@ -525,6 +560,8 @@ impl Sweep {
                     modality,
                     train_on,
                     reference,
+                    layers: def.layers,
+                    random_init: def.random_init,
                 },
             );
         }
@@ -553,38 +590,8 @@ impl Sweep {
                 },
             );
         }
-        let model_ref = |s: &Spanned<String>, key: &str| -> anyhow::Result<()> {
-            if sources.contains_key(&s.value) {
-                Ok(())
-            } else {
-                Err(at(
-                    path,
-                    s,
-                    key,
-                    format!(
-                        "unknown model {:?}; models defined: {}",
-                        s.value,
-                        names(&sources)
-                    ),
-                ))
-            }
-        };
-        let target_ref = |s: &Spanned<String>, key: &str| -> anyhow::Result<()> {
-            if targets.contains_key(&s.value) {
-                Ok(())
-            } else {
-                Err(at(
-                    path,
-                    s,
-                    key,
-                    format!(
-                        "unknown target {:?}; targets defined: {}",
-                        s.value,
-                        names(&targets)
-                    ),
-                ))
-            }
-        };
+        let model_ref = |s: &Spanned<String>, key: &str| known(path, &sources, s, key, "model");
+        let target_ref = |s: &Spanned<String>, key: &str| known(path, &targets, s, key, "target");
         for m in &self.grid.model {
             model_ref(m, "grid.model")?;
         }

@@ -1,5 +1,7 @@
 //! `taskrel plan | run | report | merge`: sweeps from YAML to results folders.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,51 +24,56 @@ pub fn load_plan(path: &Path, data_root: &Path, check_files: bool) -> anyhow::Re
 /// `taskrel plan`.
 pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()> {
     let plan = load_plan(path, data_root, true)?;
+    let mut text = String::new();
     if json_out {
         let cells: Vec<_> = plan
             .cells
             .iter()
             .map(|c| json!({"cell": c.id, "model": c.model, "target": c.target, "seed": c.seed}))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"name": plan.name, "cells": cells}))?
+        text = serde_json::to_string_pretty(&json!({"name": plan.name, "cells": cells}))?;
+        text.push('\n');
+    } else {
+        let _ = writeln!(
+            text,
+            "sweep {}: {} cells; scores: {}; measured: {}",
+            plan.name,
+            plan.cells.len(),
+            plan.scores
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            plan.sweep
+                .measure
+                .modes
+                .iter()
+                .map(|m| format!("accuracy after {}", m.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        return Ok(());
+        for (i, c) in plan.cells.iter().enumerate() {
+            let source = &plan.sources[&c.model];
+            let how = match source.train_on {
+                Some(d) => format!("{} trained on {d}", source.from),
+                None => source.from.clone(),
+            };
+            let _ = writeln!(
+                text,
+                "  {:>4}  {:<40} model {} ({how}), target {}, seed {}",
+                i + 1,
+                c.id,
+                c.model,
+                c.target,
+                c.seed
+            );
+        }
     }
-    println!(
-        "sweep {}: {} cells; scores: {}; measured: {}",
-        plan.name,
-        plan.cells.len(),
-        plan.scores
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        plan.sweep
-            .measure
-            .modes
-            .iter()
-            .map(|m| format!("accuracy after {}", m.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    for (i, c) in plan.cells.iter().enumerate() {
-        let source = &plan.sources[&c.model];
-        let how = match source.train_on {
-            Some(d) => format!("{} trained on {d}", source.from),
-            None => source.from.clone(),
-        };
-        println!(
-            "  {:>4}  {:<40} model {} ({how}), target {}, seed {}",
-            i + 1,
-            c.id,
-            c.model,
-            c.target,
-            c.seed
-        );
+    // A closed pipe (`taskrel plan ... | head`) ends the output quietly.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    Ok(())
 }
 
 /// Options of `taskrel run`.
