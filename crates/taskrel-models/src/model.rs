@@ -144,6 +144,18 @@ impl Model {
         self.head.is_some()
     }
 
+    /// The head's weight `(num_classes, feature_dim)` and bias `(num_classes)`.
+    pub fn head_weights(&self) -> Result<(Tensor, Tensor)> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            Error::Invalid(format!("{} has no classification head", self.spec.origin))
+        })?;
+        let bias = head
+            .bias()
+            .cloned()
+            .ok_or_else(|| Error::Invalid("the classification head has no bias".into()))?;
+        Ok((head.weight().clone(), bias))
+    }
+
     /// `(n, num_classes)` logits of the head on `(n, feature_dim)` features.
     pub fn head_logits(&self, features: &Tensor) -> Result<Tensor> {
         let head = self.head.as_ref().ok_or_else(|| {

@@ -35,15 +35,21 @@ const CACHE_VERSION: &str = "taskrel-cache-1";
 /// Neighbours of the k-NN baseline.
 pub const KNN_K: usize = 5;
 
-/// Softmax of the model's own head on features, row-major `(n, classes)`; `None` without a
-/// head.
+/// Softmax of the model's own head on features, row-major `(n, classes)`, in f64; `None`
+/// without a head.
 pub fn head_probabilities(model: &Model, set: &FeatureSet) -> anyhow::Result<Option<Vec<f64>>> {
     if !model.has_head() {
         return Ok(None);
     }
-    let x = candle_core::Tensor::from_slice(&set.values, (set.n, set.d), model.device())?;
-    let logits = model.head_logits(&x)?;
-    let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F64)?)?;
+    // In f64 from the head's weights, as the reference implementations compute them.
+    let f64 = candle_core::DType::F64;
+    let x = candle_core::Tensor::from_slice(&set.values, (set.n, set.d), model.device())?
+        .to_dtype(f64)?;
+    let (w, b) = model.head_weights()?;
+    let logits = x
+        .matmul(&w.to_dtype(f64)?.t()?)?
+        .broadcast_add(&b.to_dtype(f64)?)?;
+    let p = candle_nn::ops::softmax_last_dim(&logits)?;
     Ok(Some(p.flatten_all()?.to_vec1::<f64>()?))
 }
 

@@ -84,9 +84,11 @@ type Projection = Box<dyn Fn(&[f64]) -> Vec<f64>>;
 /// `LogME.py`): the mean over classes of the maximum log-evidence per sample of a Bayesian
 /// linear regression from `features (n, d)` to each class indicator.
 ///
-/// The singular values come from the eigendecomposition of `F^T F` when `n > d` (as the
-/// reference's `truncated_svd`, keeping singular values above 1e-10) and of `F F^T`
-/// otherwise (the reference's thin SVD keeps all `n`).
+/// The singular values come from the eigendecomposition of `F^T F` when `n > d` (the
+/// reference's `truncated_svd`) and of `F F^T` otherwise (its thin SVD). With rank-deficient
+/// features and `n > d` (ReLU features with dead units), all `d` eigenvalues enter the
+/// evidence and only the coordinates of null directions are zeroed: the reference keeps the
+/// null directions too, because their numerically tiny singular values pass its 1e-10 test.
 pub fn logme(features: Matrix<'_>, labels: &[u32]) -> Result<f64> {
     let (n, d) = (features.n, features.d);
     let k = classes(labels, n, "LogME")?;
@@ -95,12 +97,11 @@ pub fn logme(features: Matrix<'_>, labels: &[u32]) -> Result<f64> {
     let (sigma, project): (Vec<f64>, Projection) = if n > d {
         let gram = f.transpose() * &f;
         let (values, vectors) = symmetric_eigen(&gram)?;
-        // Descending, rank by s > 1e-10.
-        let keep: Vec<usize> = (0..d)
-            .rev()
-            .filter(|&j| values[j].max(0.0).sqrt() > 1e-10)
-            .collect();
-        let sigma: Vec<f64> = keep.iter().map(|&j| values[j]).collect();
+        // Every direction counts in the evidence's log and gamma terms (a zero eigenvalue adds
+        // log(alpha), which cancels part of d/2 log(alpha)); coordinates are computed where
+        // s > 1e-10 (the reference's rank) and are zero elsewhere.
+        let order: Vec<usize> = (0..d).rev().collect();
+        let sigma: Vec<f64> = order.iter().map(|&j| values[j].max(0.0)).collect();
         // u_j = F v_j / s_j, so u_j^T y = (F^T y) . v_j / s_j.
         let fx = f.clone();
         let project = Box::new(move |y: &[f64]| -> Vec<f64> {
@@ -112,10 +113,15 @@ pub fn logme(features: Matrix<'_>, labels: &[u32]) -> Result<f64> {
                     }
                 }
             }
-            keep.iter()
+            order
+                .iter()
                 .map(|&j| {
-                    let dot: f64 = (0..d).map(|c| fty[c] * vectors[(c, j)]).sum();
-                    dot / values[j].sqrt()
+                    let s = values[j].max(0.0).sqrt();
+                    if s > 1e-10 {
+                        (0..d).map(|c| fty[c] * vectors[(c, j)]).sum::<f64>() / s
+                    } else {
+                        0.0
+                    }
                 })
                 .collect()
         });

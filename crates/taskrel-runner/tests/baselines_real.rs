@@ -1,0 +1,124 @@
+//! The baseline scores on one real feature set against their reference implementations:
+//! features of the pretrained USPS CNN on 20 USPS test images per class (and 15 MNIST test
+//! images per class as OTCE's source), made by `taskrel features`.
+//!
+//! Reference values (thuml/LogME `LogME.py`, `LEEP.py`, `NCE.py`; tllib `hscore.py`; POT 0.9.7
+//! `ot.emd`; numpy 2.4.6, scikit-learn 1.9.1), from the same files:
+//!
+//! ```python
+//! # taskrel features --model data/models/ccexam/usps.pth --dataset usps --split test \
+//! #   --per-class 20 --seed 0 --out usps.safetensors   (and mnist, --per-class 15)
+//! x, y = load("usps.safetensors"); xm, ym = load("mnist.safetensors")  # f32 -> f64
+//! sd = torch.load("usps.pth"); W, b = sd["classifier.4.weight"], sd["classifier.4.bias"]  # f64
+//! logits = x @ W.T + b; p = softmax(logits, axis=1)
+//! print(LogME().fit(x, y), h_score(x, y), regularized_h_score(x, y), knn(x, y, 5))
+//! print(LEEP(p, y), NCE(p.argmax(1), y))
+//! P = ot.emd(ot.unif(150), ot.unif(200), ((xm[:, None] - x[None]) ** 2).sum(-1))
+//! print(-conditional_entropy(P, ym, y))   # OTCE, as in crates/taskrel-score/tests/baselines.rs
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use taskrel_score::FeatureSet;
+use taskrel_score::baselines::{self, Matrix};
+
+fn data_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    assert!(
+        root.is_dir(),
+        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
+        root.display()
+    );
+    root
+}
+
+fn features(dataset: &str, per_class: &str, out: &Path) -> FeatureSet {
+    let model = data_root().join("models/ccexam/usps.pth");
+    let status = Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args(["features", "--model", model.to_str().unwrap()])
+        .args([
+            "--dataset",
+            dataset,
+            "--split",
+            "test",
+            "--per-class",
+            per_class,
+        ])
+        .args(["--seed", "0", "--quiet", "--out", out.to_str().unwrap()])
+        .arg("--data-root")
+        .arg(data_root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    FeatureSet::load(out).unwrap()
+}
+
+fn close(got: f64, want: f64) {
+    let rel = (got - want).abs() / want.abs().max(1e-12);
+    assert!(
+        rel <= 1e-6,
+        "got {got}, reference {want} (relative error {rel:.2e})"
+    );
+}
+
+#[test]
+fn baselines_match_references_on_real_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let usps = features("usps", "20", &tmp.path().join("usps.safetensors"));
+    let mnist = features("mnist", "15", &tmp.path().join("mnist.safetensors"));
+    let to64 = |s: &FeatureSet| s.values.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+    let (x, xm) = (to64(&usps), to64(&mnist));
+    let (y, ym) = (usps.labels.clone().unwrap(), mnist.labels.clone().unwrap());
+    let m = Matrix::new(&x, usps.n, usps.d).unwrap();
+    close(baselines::logme(m, &y).unwrap(), 0.5177709734067382);
+    close(baselines::h_score(m, &y).unwrap(), 8.34907524841454);
+    close(
+        baselines::shrinkage_h_score(m, &y).unwrap(),
+        8.025775181417089,
+    );
+    close(baselines::knn_accuracy(m, &y, 5).unwrap(), 0.965);
+    let (otce, _) =
+        baselines::otce(Matrix::new(&xm, mnist.n, mnist.d).unwrap(), &ym, m, &y).unwrap();
+    close(otce, -0.6925178792376188);
+
+    // The source head's probabilities on the same features, in f64 as the reference.
+    let model = taskrel_models::load(
+        &data_root()
+            .join("models/ccexam/usps.pth")
+            .display()
+            .to_string()
+            .parse()
+            .unwrap(),
+        &taskrel_models::LoadOptions::default(),
+    )
+    .unwrap();
+    let feats = candle_core::Tensor::from_slice(&usps.values, (usps.n, usps.d), model.device())
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let (w, b) = model.head_weights().unwrap();
+    let logits = feats
+        .matmul(&w.to_dtype(candle_core::DType::F64).unwrap().t().unwrap())
+        .unwrap()
+        .broadcast_add(&b.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap();
+    let p = candle_nn::ops::softmax_last_dim(&logits)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let c = p.len() / usps.n;
+    close(
+        baselines::leep(Matrix::new(&p, usps.n, c).unwrap(), &y).unwrap(),
+        -0.15368044311721238,
+    );
+    let argmax: Vec<u32> = p
+        .chunks(c)
+        .map(|r| (0..c).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32)
+        .collect();
+    close(baselines::nce(&argmax, &y).unwrap(), -0.16003762181002817);
+}
