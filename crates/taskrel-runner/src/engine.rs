@@ -495,25 +495,7 @@ impl<'a> Engine<'a> {
     /// measured on its test split; `stage` is told what is happening.
     pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
         let plan = self.plan;
-        let target = &plan.targets[&cell.target];
-        let (target_train, target_test) = {
-            let (train_set, test_set) = self.dataset(target.dataset)?;
-            match &target.classes {
-                Some(c) => (train_set.subset_classes(c)?, test_set.subset_classes(c)?),
-                None => (train_set.clone(), test_set.clone()),
-            }
-        };
-        let subset = target
-            .classes
-            .as_ref()
-            .map(|c| format!("{c:?}"))
-            .unwrap_or_else(|| "all".into());
-        let sample = TargetSample {
-            indices: target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?,
-            label: format!("{}/train classes {subset}", target.dataset),
-            data: target_train,
-            labelled: true,
-        };
+        let (sample, target_test) = self.target_sample(cell)?;
         let (mut row, ready) = self.score_cell(cell, &plan.scores, &sample, stage)?;
         let target_train = sample.data;
         let test_set = match plan.sweep.measure.test_per_class {
@@ -534,6 +516,59 @@ impl<'a> Engine<'a> {
             row.insert(format!("seconds_{}", mode.as_str()), json!(secs));
         }
         Ok(row)
+    }
+
+    /// Recomputes `scores` of a finished cell (same samples, same seed) into its row, leaving
+    /// every other column as it was: for a score added to a sweep or fixed after a run,
+    /// without fine-tuning again.
+    pub fn rescore_cell(
+        &mut self,
+        cell: &Cell,
+        scores: &[ScoreKind],
+        row: &mut Row,
+        stage: &dyn Fn(&str),
+    ) -> anyhow::Result<()> {
+        let (sample, _) = self.target_sample(cell)?;
+        let (fresh, _) = self.score_cell(cell, scores, &sample, stage)?;
+        for kind in scores {
+            for col in kind.columns() {
+                row.insert(
+                    col.to_string(),
+                    fresh.get(*col).cloned().unwrap_or(Value::Null),
+                );
+            }
+            let secs = format!("seconds_{}", kind.as_str());
+            row.insert(
+                secs.clone(),
+                fresh.get(&secs).cloned().unwrap_or(Value::Null),
+            );
+        }
+        Ok(())
+    }
+
+    /// A cell's target training sample (scored) and its test split (before the budget).
+    fn target_sample(&mut self, cell: &Cell) -> anyhow::Result<(TargetSample, Dataset)> {
+        let plan = self.plan;
+        let target = &plan.targets[&cell.target];
+        let (target_train, target_test) = {
+            let (train_set, test_set) = self.dataset(target.dataset)?;
+            match &target.classes {
+                Some(c) => (train_set.subset_classes(c)?, test_set.subset_classes(c)?),
+                None => (train_set.clone(), test_set.clone()),
+            }
+        };
+        let subset = target
+            .classes
+            .as_ref()
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "all".into());
+        let sample = TargetSample {
+            indices: target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?,
+            label: format!("{}/train classes {subset}", target.dataset),
+            data: target_train,
+            labelled: true,
+        };
+        Ok((sample, target_test))
     }
 
     /// The source model of a cell and `scores` on a target sample (no fine-tuning).

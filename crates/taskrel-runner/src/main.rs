@@ -170,6 +170,10 @@ enum Command {
         /// Run shard I of N (every N-th cell from the I-th), e.g. 2/4.
         #[arg(long, value_parser = sweep::parse_shard)]
         shard: Option<(usize, usize)>,
+        /// Recompute these scores (comma-separated) on cells already finished, keeping their
+        /// other columns: for a score added or fixed after a run, without fine-tuning again.
+        #[arg(long, value_delimiter = ',')]
+        rescore: Vec<String>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -314,6 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             only,
             shard,
+            rescore,
             quiet,
         } => sweep_cmd::run(
             &sweep,
@@ -324,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device,
                 only,
                 shard,
+                rescore,
                 quiet,
             },
         ),

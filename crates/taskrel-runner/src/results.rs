@@ -55,6 +55,15 @@ impl Store {
         )
     }
 
+    /// One finished cell's row.
+    pub fn get(&self, id: &str) -> anyhow::Result<Row> {
+        let path = self.cell_path(id);
+        serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))
+    }
+
     /// All finished cells by id.
     pub fn rows(&self) -> anyhow::Result<BTreeMap<String, Row>> {
         let mut rows = BTreeMap::new();

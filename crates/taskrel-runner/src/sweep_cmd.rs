@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::engine::{Engine, write_atomic};
 use crate::results::{self, Store, Table};
-use crate::sweep::{Plan, Sweep};
+use crate::sweep::{Plan, ScoreKind, Sweep};
 
 const CONFIG_FILE: &str = "config.yaml";
 const CELLS_CSV: &str = "cells.csv";
@@ -85,6 +85,8 @@ pub struct RunOptions {
     pub device: String,
     pub only: Option<String>,
     pub shard: Option<(usize, usize)>,
+    /// Scores to recompute on cells already finished (their other columns are kept).
+    pub rescore: Vec<String>,
     pub quiet: bool,
 }
 
@@ -128,6 +130,23 @@ fn git(args: &[&str]) -> Option<String> {
 pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
     let plan = load_plan(path, &opts.data_root, true)?;
     let device = taskrel_models::device(&opts.device)?;
+    let rescore: Vec<ScoreKind> = opts
+        .rescore
+        .iter()
+        .map(|name| {
+            plan.scores
+                .iter()
+                .copied()
+                .find(|k| k.as_str() == name)
+                .ok_or_else(|| {
+                    let valid: Vec<&str> = plan.scores.iter().map(|k| k.as_str()).collect();
+                    anyhow::anyhow!(
+                        "--rescore {name}: not a score of this sweep; its scores: {}",
+                        valid.join(", ")
+                    )
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let selected: Vec<_> = match (&opts.only, opts.shard) {
         (Some(id), _) => {
             let cell = plan.cells.iter().find(|c| &c.id == id).ok_or_else(|| {
@@ -165,9 +184,18 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(plan.name.clone());
-    let (mut ran, mut skipped) = (0usize, 0usize);
+    let (mut ran, mut skipped, mut rescored) = (0usize, 0usize, 0usize);
     for cell in &selected {
         if store.is_done(&cell.id) {
+            if !rescore.is_empty() {
+                let stage = |s: &str| bar.set_message(format!("{}: rescore {s}", cell.id));
+                let mut row = store.get(&cell.id)?;
+                engine
+                    .rescore_cell(cell, &rescore, &mut row, &stage)
+                    .with_context(|| format!("cell {}", cell.id))?;
+                store.put(&cell.id, &row)?;
+                rescored += 1;
+            }
             skipped += 1;
             bar.inc(1);
             continue;
@@ -211,6 +239,8 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
         "cells_selected": selected.len(),
         "cells_run": ran,
         "cells_already_done": skipped,
+        "cells_rescored": rescored,
+        "rescored_scores": opts.rescore,
         "cells_finished": finished,
         "shard": opts.shard.map(|(i, n)| format!("{i}/{n}")),
         "stage_seconds": engine.stage_seconds,
@@ -221,7 +251,7 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     println!(
-        "{}: {ran} cells run, {skipped} already done, {finished} of {} in {}",
+        "{}: {ran} cells run, {skipped} already done ({rescored} rescored), {finished} of {} in {}",
         plan.name,
         plan.cells.len(),
         out.join(CELLS_CSV).display()

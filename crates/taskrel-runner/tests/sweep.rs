@@ -149,6 +149,17 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 cells run, 5 already done"));
     assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
 
+    // Recomputing a score on finished cells reproduces it and keeps every other column.
+    let rescored = run_smoke(&results, &cache, &["--rescore", "relatedness_unlabeled"]);
+    assert!(String::from_utf8_lossy(&rescored.stdout).contains("(5 rescored)"));
+    assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
+    let bad = command(&["run", &smoke(), "--results", results.to_str().unwrap()])
+        .args(["--rescore", "logme"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a score of this sweep"));
+
     // Shards 1/3, 2/3, 3/3 merged equal the unsharded run.
     let mut shard_dirs = Vec::new();
     for i in 1..=3 {
