@@ -149,35 +149,7 @@ enum Command {
     },
     /// Run a sweep: train sources, extract features, score, fine-tune, correlate. Resumes
     /// where a previous run stopped.
-    Run {
-        /// Sweep file (configs/*.yaml).
-        sweep: PathBuf,
-        /// Results go to <results>/<sweep name>/.
-        #[arg(long, default_value = "results")]
-        results: PathBuf,
-        /// Folder of fetched datasets and weights.
-        #[arg(long, default_value = "data")]
-        data_root: PathBuf,
-        /// Cache of trained sources and features (default: <results>/.cache).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Run this cell only (an id from `taskrel plan`).
-        #[arg(long, conflicts_with = "shard")]
-        only: Option<String>,
-        /// Run shard I of N (every N-th cell from the I-th), e.g. 2/4.
-        #[arg(long, value_parser = sweep::parse_shard)]
-        shard: Option<(usize, usize)>,
-        /// Recompute these scores (comma-separated) on cells already finished, keeping their
-        /// other columns: for a score added or fixed after a run, without fine-tuning again.
-        #[arg(long, value_delimiter = ',')]
-        rescore: Vec<String>,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Run(sweep_cmd::RunOptions),
     /// Re-render correlation.csv, summary.md and plots/ of a results folder from its CSV.
     Report {
         /// A results folder (results/<sweep>).
@@ -310,29 +282,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_root,
             json,
         } => sweep_cmd::plan(&sweep, &data_root, json),
-        Command::Run {
-            sweep,
-            results,
-            data_root,
-            cache,
-            device,
-            only,
-            shard,
-            rescore,
-            quiet,
-        } => sweep_cmd::run(
-            &sweep,
-            &sweep_cmd::RunOptions {
-                results,
-                data_root,
-                cache,
-                device,
-                only,
-                shard,
-                rescore,
-                quiet,
-            },
-        ),
+        Command::Run(options) => sweep_cmd::run(&options),
         Command::Rank(options) => rank_cmd::rank(&options),
         Command::Report { dir, data_root } => sweep_cmd::report(&dir, &data_root),
         Command::Merge {

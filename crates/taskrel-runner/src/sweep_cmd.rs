@@ -77,16 +77,34 @@ pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()>
 }
 
 /// Options of `taskrel run`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct RunOptions {
+    /// Sweep file (configs/*.yaml).
+    pub sweep: PathBuf,
+    /// Results go to <results>/<sweep name>/.
+    #[arg(long, default_value = "results")]
     pub results: PathBuf,
+    /// Folder of fetched datasets and weights.
+    #[arg(long, default_value = "data")]
     pub data_root: PathBuf,
+    /// Cache of trained sources and features (default: <results>/.cache).
+    #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Run this cell only (an id from `taskrel plan`).
+    #[arg(long, conflicts_with = "shard")]
     pub only: Option<String>,
+    /// Run shard I of N (every N-th cell from the I-th), e.g. 2/4.
+    #[arg(long, value_parser = crate::sweep::parse_shard)]
     pub shard: Option<(usize, usize)>,
-    /// Scores to recompute on cells already finished (their other columns are kept).
+    /// Recompute these scores (comma-separated) on cells already finished, keeping their
+    /// other columns: for a score added or fixed after a run, without fine-tuning again.
+    #[arg(long, value_delimiter = ',')]
     pub rescore: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
     pub quiet: bool,
 }
 
@@ -127,7 +145,8 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 /// `taskrel run`.
-pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
+    let path = opts.sweep.as_path();
     let plan = load_plan(path, &opts.data_root, true)?;
     let device = taskrel_models::device(&opts.device)?;
     let rescore: Vec<ScoreKind> = opts
