@@ -16,6 +16,7 @@
 //! by the caller, drawn on the CPU and moved to the device, so a seed gives the same numbers on
 //! every run.
 
+pub mod bert;
 pub mod cnn;
 mod error;
 mod init;

@@ -1,4 +1,4 @@
-//! BERT-family text encoders (candle-transformers' `BertModel`) with the `tokenizers` crate.
+//! BERT-family text encoders ([`crate::bert::Bert`]) with the `tokenizers` crate.
 //!
 //! A model folder holds `config.json`, `tokenizer.json` and `model.safetensors` (tensor names
 //! with or without a `bert.` prefix), and optionally sentence-transformers' `modules.json` and
@@ -7,16 +7,16 @@
 //!
 //! Padding and truncation are set explicitly, whatever `tokenizer.json` ships (the MiniLM file
 //! pads every text to 128 tokens): pad to the longest text of the batch, truncate at
-//! `max_len`. candle's BERT applies no dropout, so fine-tuning runs without it.
+//! `max_len`. Training mode applies the config's dropout, as the PyTorch model does.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::bert::{BertModel, Config};
 use rand_chacha::ChaCha8Rng;
 use taskrel_data::Dataset;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::bert::{Bert, BertConfig};
 use crate::error::{Error, Result};
 use crate::model::Encoder;
 use crate::spec::{Arch, TextInput};
@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_LEN: usize = 128;
 
 /// A BERT encoder with its tokenizer and pooling.
 pub struct BertEncoder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     input: TextInput,
     device: Device,
@@ -115,10 +115,9 @@ pub fn text_input(files: &TextFiles, max_len: usize) -> Result<TextInput> {
     })
 }
 
-/// Parses a BERT `config.json` value.
-pub fn bert_config(value: &serde_json::Value, source: &Path) -> Result<Config> {
-    serde_json::from_value(value.clone())
-        .map_err(|e| Error::file(source, format!("not a BERT config: {e}")))
+/// Parses and checks a BERT `config.json` value.
+pub fn bert_config(value: &serde_json::Value, source: &Path) -> Result<BertConfig> {
+    BertConfig::from_json(value, source)
 }
 
 /// Reads `config.json`.
@@ -129,7 +128,7 @@ pub fn read_config(path: &Path) -> Result<serde_json::Value> {
 impl BertEncoder {
     /// Builds the encoder, creating its variables through `vb`.
     pub fn new(
-        config: &Config,
+        config: &BertConfig,
         tokenizer_path: &Path,
         input: TextInput,
         vb: candle_nn::VarBuilder,
@@ -153,7 +152,7 @@ impl BertEncoder {
             }))
             .map_err(|e| Error::file(tokenizer_path, format!("cannot set truncation: {e}")))?;
         let device = vb.device().clone();
-        let model = BertModel::load(vb, config)?;
+        let model = Bert::new(config, vb)?;
         Ok(Self {
             model,
             tokenizer,
@@ -182,10 +181,15 @@ impl BertEncoder {
         ))
     }
 
-    /// Pooled features `(n, hidden)` of `texts`.
+    /// Pooled features `(n, hidden)` of `texts` in evaluation mode.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
+        self.pooled(texts, None)
+    }
+
+    /// Pooled features; `train` as in [`Encoder::features`].
+    fn pooled(&self, texts: &[&str], train: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let (ids, mask) = self.tokenize(texts)?;
-        let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        let hidden = self.model.forward(&ids, &mask, train)?;
         let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
         let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
@@ -225,11 +229,11 @@ impl Encoder for BertEncoder {
         &self,
         data: &Dataset,
         indices: &[usize],
-        _train: Option<&mut ChaCha8Rng>,
+        train: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let texts = texts_of(data)?;
         let batch: Vec<&str> = indices.iter().map(|&i| texts[i].as_str()).collect();
-        self.embed(&batch)
+        self.pooled(&batch, train)
     }
 
     fn save_extras(&self, dir: &Path) -> Result<()> {

@@ -298,8 +298,24 @@ fn tiny_bert_fine_tunes_and_round_trips() {
         seed: 0,
         ..Default::default()
     };
+    let snapshot = |m: &taskrel_models::Model| -> Vec<Vec<f32>> {
+        let (encoder, _) = m.vars().unwrap();
+        encoder
+            .iter()
+            .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let before = snapshot(&bert);
+    // A linear probe leaves the encoder bit-identical ...
+    train::fine_tune(&mut bert, &ag, Mode::LinearProbe, &cfg, true).unwrap();
+    assert_eq!(snapshot(&bert), before);
+    // ... end-to-end fine-tuning moves every encoder tensor.
     let h = train::fine_tune(&mut bert, &ag, Mode::Full, &cfg, true).unwrap();
     assert!(h.epochs[0].loss.is_finite());
+    let after = snapshot(&bert);
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        assert_ne!(a, b, "encoder variable {i} did not change in full fine-tuning");
+    }
     assert!(
         h.preprocessing.contains("truncated at 32"),
         "{}",
@@ -358,3 +374,95 @@ fn bad_references_fail_clearly() {
         Device::Cpu
     ));
 }
+
+/// A 2-layer, 64-hidden BERT with MiniLM's vocabulary, random weights (seed 5) and no dropout.
+fn tiny_bert_no_dropout() -> taskrel_models::Model {
+    let config = serde_json::json!({
+        "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "max_position_embeddings": 512,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0
+    });
+    let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
+    let input = TextInput {
+        max_len: 16,
+        pooling: "mean".into(),
+        normalize: false,
+    };
+    let options = LoadOptions {
+        seed: 5,
+        ..Default::default()
+    };
+    taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap()
+}
+
+const GRAD_TEXTS: [&str; 3] = [
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "Stocks fell sharply on Monday.",
+    "Scientists discover a new frog",
+];
+
+#[test]
+fn bert_gradients_reach_every_weight_and_match_pytorch() {
+    let bert = tiny_bert_no_dropout();
+    let data = Dataset {
+        inputs: Inputs::Texts(GRAD_TEXTS.iter().map(|s| s.to_string()).collect()),
+        labels: vec![0; GRAD_TEXTS.len()],
+        classes: vec!["any".into()],
+    };
+    let idx = [0, 1, 2];
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let trained = bert.features(&data, &idx, Some(&mut rng)).unwrap();
+    let evaluated = bert.features(&data, &idx, None).unwrap();
+    // Training mode (differentiable kernels) and evaluation (fused kernels) agree.
+    let gap = (&trained - &evaluated)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap < 1e-5, "train/eval features differ by {gap}");
+    let (n, d) = trained.dims2().unwrap();
+    let w: Vec<f32> = (0..n * d)
+        .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
+    let w = candle_core::Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
+    let loss = ((&trained * &w).unwrap().sum_all().unwrap()
+        + trained.sqr().unwrap().sum_all().unwrap())
+    .unwrap();
+    // Reference: PyTorch 2 / transformers BertModel(add_pooling_layer=False) in train mode,
+    // holding this model's weights (saved with `bert.save(dir)`), the same tokenizer.json,
+    // padding="longest", truncation at 16, token types 0, masked mean pooling, then:
+    //   w = torch.tensor([((k * 7 % 11) - 5.0) / 5.0 for k in range(n * d)]).reshape(n, d)
+    //   loss = (f * w).sum() + (f ** 2).sum(); loss.backward()
+    //   [p.grad.norm() for p in parameters sorted by name]  (pooler excluded)
+    // which printed loss 64.79597473144531 and the norms below.
+    let torch_norms: [f32; 37] = [
+        18.66181, 15.872952, 208.367599, 564.073364, 175.821167, 18.580952, 15.880001, 18.554173,
+        16.617821, 0.0, 0.084099, 0.018119, 0.084742, 2.833765, 12.888185, 2.157122, 10.252892,
+        18.585876, 15.822839, 18.582111, 11.276446, 18.629694, 15.88574, 18.656996, 13.25876, 0.0,
+        0.06195, 0.012766, 0.061525, 3.285834, 15.006693, 1.931075, 9.266418, 27.743849, 27.70536,
+        18.591146, 10.369782,
+    ];
+    let grads = loss.backward().unwrap();
+    let loss = loss.to_scalar::<f32>().unwrap();
+    assert!((loss - 64.795975).abs() < 1e-4, "loss {loss}");
+    let (encoder, _) = bert.vars().unwrap();
+    assert_eq!(encoder.len(), torch_norms.len());
+    for (i, (var, want)) in encoder.iter().zip(torch_norms).enumerate() {
+        let got = grads
+            .get(var)
+            .map(|g| g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap())
+            .map(|g| g.to_scalar::<f32>().unwrap())
+            .unwrap_or(f32::NAN);
+        // The key biases cancel in the softmax: their gradient is 0 up to rounding.
+        let tolerance = 1e-4 * want.max(1.0);
+        assert!(
+            (got - want).abs() < tolerance,
+            "gradient norm of encoder variable {i}: {got}, PyTorch {want}"
+        );
+    }
+}
+
