@@ -3,10 +3,11 @@
 //! The layers follow Hugging Face's `BertModel` (absolute positions, post-layer-norm blocks) and
 //! read its tensor names, so `model.safetensors` files load as they are. Two things differ from
 //! candle-transformers' BERT, which this replaces:
-//! - in training mode, layer norm and softmax are written with differentiable tensor ops; the
-//!   fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no backward pass,
-//!   so with them the gradient stops at the first layer norm and only a head on top would
-//!   learn. Evaluation keeps the fused kernels;
+//! - in training mode, layer norm and softmax have a backward pass (kernels of
+//!   [`crate::kernels`] on the CPU, tensor ops elsewhere); candle's fused kernels
+//!   (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record none, so with them the gradient
+//!   stops at the first layer norm and only a head on top would learn. Evaluation keeps the
+//!   fused kernels;
 //! - dropout (`hidden_dropout_prob`, `attention_probs_dropout_prob`) is applied in training
 //!   mode, drawn from the caller's seeded generator, where the PyTorch model applies it.
 
@@ -82,7 +83,10 @@ impl BertConfig {
         let config: Self = serde_json::from_value(value.clone())
             .map_err(|e| Error::file(source, format!("not a BERT config: {e}")))?;
         let bad = |msg: String| Err(Error::file(source, msg));
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
         {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -97,7 +101,10 @@ impl BertConfig {
         }
         for (key, p) in [
             ("hidden_dropout_prob", config.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", config.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                config.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return bad(format!("{key} must be in [0, 1), got {p}"));
@@ -144,8 +151,9 @@ fn maybe_dropout(x: Tensor, p: f32, train: &mut Option<&mut ChaCha8Rng>) -> Resu
     }
 }
 
-/// Layer norm over the last dimension: the fused kernel when evaluating, tensor ops (which
-/// record their backward pass) when training.
+/// Layer norm over the last dimension: candle's fused kernel when evaluating; when training,
+/// the kernel of [`crate::kernels`] on the CPU and tensor ops (which record their backward
+/// pass) elsewhere.
 #[derive(Clone, Debug)]
 struct LayerNorm {
     weight: Tensor,
@@ -172,22 +180,45 @@ impl LayerNorm {
                 self.eps as f32,
             )?);
         }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        if on_cpu_f32(x) {
+            let kernel = crate::kernels::LayerNorm {
+                eps: self.eps as f32,
+            };
+            return Ok(x
+                .contiguous()?
+                .apply_op3(&self.weight, &self.bias, kernel)?);
+        }
+        layer_norm_ops(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last dimension, fused when evaluating.
+fn on_cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Layer norm written with tensor ops (differentiable on every device).
+pub(crate) fn layer_norm_ops(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// Softmax over the last dimension: candle's fused kernel when evaluating; when training, the
+/// kernel of [`crate::kernels`] on the CPU and tensor ops elsewhere.
 fn softmax_last(x: &Tensor, train: bool) -> Result<Tensor> {
-    Ok(if train {
-        candle_nn::ops::softmax(x, D::Minus1)?
-    } else {
+    Ok(if !train {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)?
+    } else if on_cpu_f32(x) {
+        x.contiguous()?.apply_op1(crate::kernels::Softmax)?
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)?
     })
 }
 
@@ -283,31 +314,37 @@ impl Bert {
             .forward(ids)?
             .broadcast_add(&self.embeddings.positions.forward(&positions)?)?
             .broadcast_add(&self.embeddings.types.forward(&positions.zeros_like()?)?)?;
-        let x = self.embeddings.norm.forward(&x, training)?;
+        // Hidden states stay 2-d, `(n * len, hidden)`, outside attention: a linear layer on a
+        // 3-d input would broadcast its weight over the batch, and its backward pass would then
+        // materialise one weight gradient per sequence before summing them.
+        let hidden = x.dim(2)?;
+        let x = self
+            .embeddings
+            .norm
+            .forward(&x.reshape((n * len, hidden))?, training)?;
         let mut x = maybe_dropout(x, self.hidden_dropout, &mut train)?;
         // 0 where attended, a large negative number on padding: (n, 1, 1, len).
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * f64::from(f32::MAX))?
             .to_dtype(x.dtype())?
             .reshape((n, 1, 1, len))?;
-        let hidden = x.dim(2)?;
         let head_dim = hidden / self.heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((n, len, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
         for block in &self.blocks {
-            let split = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((n, len, self.heads, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = split(block.query.forward(&x)?)?;
+            let q = split((block.query.forward(&x)? * scale)?)?;
             let k = split(block.key.forward(&x)?)?;
             let v = split(block.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
             let probs = softmax_last(&scores, training)?;
             let probs = maybe_dropout(probs, self.attention_dropout, &mut train)?;
             let context = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
-                .reshape((n, len, hidden))?;
+                .reshape((n * len, hidden))?;
             let attn = maybe_dropout(
                 block.attn_out.forward(&context)?,
                 self.hidden_dropout,
@@ -318,6 +355,6 @@ impl Bert {
             let down = maybe_dropout(block.down.forward(&up)?, self.hidden_dropout, &mut train)?;
             x = block.out_norm.forward(&(down + &attn)?, training)?;
         }
-        Ok(x)
+        Ok(x.reshape((n, len, hidden))?)
     }
 }

@@ -20,6 +20,7 @@ pub mod bert;
 pub mod cnn;
 mod error;
 mod init;
+mod kernels;
 mod model;
 pub mod preprocess;
 mod reference;

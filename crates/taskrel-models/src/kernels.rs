@@ -1,0 +1,313 @@
+//! CPU kernels with a backward pass for BERT training.
+//!
+//! candle's fused softmax and layer norm record no backward pass, and the same functions
+//! written with tensor ops take many passes over the attention scores (and keep each
+//! intermediate alive for the backward pass). These are single-pass kernels over rows of the
+//! last dimension, for contiguous f32 tensors on the CPU, whose backward pass is one more
+//! kernel. Other devices and types use the tensor-op versions in [`crate::bert`].
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, bail};
+
+/// The contiguous f32 data of a CPU tensor's storage.
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: expected f32 data")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn row_len(layout: &Layout, what: &str) -> candle_core::Result<usize> {
+    match layout.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!("{what}: expected a non-empty last dimension"),
+    }
+}
+
+/// Softmax over the last dimension.
+pub(crate) struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "taskrel-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        let d = row_len(layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(out, row)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SoftmaxBackward,
+        )?))
+    }
+}
+
+/// `dx = y * (g - sum(g * y))` per row, from the softmax output `y` and its gradient `g`.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "taskrel-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let y = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "{}: shapes {:?} and {:?} differ",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let d = row_len(l1, self.name())?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(out, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &yv), &gv) in out.iter_mut().zip(y).zip(g) {
+                    *o = yv * (gv - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Layer norm over the last dimension with weight and bias.
+pub(crate) struct LayerNorm {
+    pub(crate) eps: f32,
+}
+
+/// Mean and 1 / standard deviation of a row.
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "taskrel-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let d = row_len(l1, self.name())?;
+        if w.len() != d || b.len() != d {
+            bail!("{}: weight and bias must have {d} values", self.name())
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(out, row)| {
+                let (mean, rstd) = moments(row, self.eps);
+                for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * wv + bv;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.contiguous()?;
+        let d = weight.dim(0)?;
+        // One kernel gives `[dx | g * x_hat]` side by side; the weight and bias gradients are
+        // column sums.
+        let both = x.apply_op3_no_bwd(weight, &g, &LayerNormBackward { eps: self.eps })?;
+        let last = both.rank() - 1;
+        let dx = both.narrow(last, 0, d)?;
+        let rows = g.elem_count() / d;
+        let dw = both.narrow(last, d, d)?.reshape((rows, d))?.sum(0)?;
+        let db = g.reshape((rows, d))?.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Rows of `[dx | g * x_hat]` for layer norm's input `x`, weight `w` and output gradient `g`:
+/// `dx = rstd * (g w - mean(g w) - x_hat * mean(g w x_hat))`.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "taskrel-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let d = row_len(l1, self.name())?;
+        if l1.shape() != l3.shape() || w.len() != d {
+            bail!("{}: mismatched shapes", self.name())
+        }
+        let mut out = vec![0f32; 2 * x.len()];
+        out.par_chunks_mut(2 * d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(out, (row, g))| {
+                let (mean, rstd) = moments(row, self.eps);
+                let (dx, gx) = out.split_at_mut(d);
+                let (mut mean_gw, mut mean_gwx) = (0f32, 0f32);
+                for i in 0..d {
+                    let x_hat = (row[i] - mean) * rstd;
+                    let gw = g[i] * w[i];
+                    mean_gw += gw;
+                    mean_gwx += gw * x_hat;
+                    gx[i] = g[i] * x_hat;
+                }
+                mean_gw /= d as f32;
+                mean_gwx /= d as f32;
+                for i in 0..d {
+                    let x_hat = (row[i] - mean) * rstd;
+                    dx[i] = rstd * (g[i] * w[i] - mean_gw - x_hat * mean_gwx);
+                }
+            });
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last *= 2;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use candle_core::{D, Device, Tensor, Var};
+
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Deterministic awkward inputs: (rows, d) values spread over several magnitudes.
+    fn input(rows: usize, d: usize, scale: f32) -> Tensor {
+        let v: Vec<f32> = (0..rows * d)
+            .map(|k| scale * (((k * 37 % 101) as f32 - 50.0) / 17.0).sin() * (1.0 + (k % 7) as f32))
+            .collect();
+        Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_kernel_matches_tensor_ops_with_gradients() {
+        let x = Var::from_tensor(&input(6, 13, 3.0)).unwrap();
+        let w = input(6, 13, 1.0);
+        let fused = x.as_tensor().apply_op1(super::Softmax).unwrap();
+        let ops = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        assert!(max_gap(&fused, &ops) < 1e-6);
+        let g1 = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&ops * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+        assert!(max_gap(g1, g2) < 1e-5, "{}", max_gap(g1, g2));
+    }
+
+    #[test]
+    fn layer_norm_kernel_matches_tensor_ops_with_gradients() {
+        let x = Var::from_tensor(&input(5, 11, 2.0)).unwrap();
+        let weight =
+            Var::from_tensor(&(input(1, 11, 0.5).squeeze(0).unwrap() + 1.0).unwrap()).unwrap();
+        let bias = Var::from_tensor(&input(1, 11, 0.3).squeeze(0).unwrap()).unwrap();
+        let w = input(5, 11, 1.0);
+        let kernel = super::LayerNorm { eps: 1e-5 };
+        let fused = x
+            .as_tensor()
+            .apply_op3(weight.as_tensor(), bias.as_tensor(), kernel)
+            .unwrap();
+        let ops =
+            crate::bert::layer_norm_ops(x.as_tensor(), weight.as_tensor(), bias.as_tensor(), 1e-5)
+                .unwrap();
+        assert!(max_gap(&fused, &ops) < 1e-5);
+        let loss = |y: &Tensor| {
+            ((y * &w).unwrap().sum_all().unwrap() + y.sqr().unwrap().sum_all().unwrap()).unwrap()
+        };
+        let g1 = loss(&fused).backward().unwrap();
+        let g2 = loss(&ops).backward().unwrap();
+        for var in [&x, &weight, &bias] {
+            let gap = max_gap(g1.get(var).unwrap(), g2.get(var).unwrap());
+            assert!(gap < 1e-4, "gradient gap {gap}");
+        }
+    }
+}
