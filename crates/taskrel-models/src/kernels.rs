@@ -30,6 +30,23 @@ fn row_len(layout: &Layout, what: &str) -> candle_core::Result<usize> {
     }
 }
 
+/// The three f32 inputs of a layer-norm kernel and the row length of the first.
+fn three_inputs<'a>(
+    what: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<([&'a [f32]; 3], usize)> {
+    Ok((
+        [
+            f32_slice(s1, l1, what)?,
+            f32_slice(s2, l2, what)?,
+            f32_slice(s3, l3, what)?,
+        ],
+        row_len(l1, what)?,
+    ))
+}
+
 /// Softmax over the last dimension.
 pub(crate) struct Softmax;
 
@@ -143,10 +160,7 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
-        let d = row_len(l1, self.name())?;
+        let ([x, w, b], d) = three_inputs(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         if w.len() != d || b.len() != d {
             bail!("{}: weight and bias must have {d} values", self.name())
         }
@@ -205,10 +219,7 @@ impl CustomOp3 for LayerNormBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let g = f32_slice(s3, l3, self.name())?;
-        let d = row_len(l1, self.name())?;
+        let ([x, w, g], d) = three_inputs(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         if l1.shape() != l3.shape() || w.len() != d {
             bail!("{}: mismatched shapes", self.name())
         }

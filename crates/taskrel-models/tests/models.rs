@@ -270,24 +270,7 @@ fn same_seed_same_numbers() {
 
 #[test]
 fn tiny_bert_fine_tunes_and_round_trips() {
-    // A 2-layer, 64-hidden BERT with MiniLM's vocabulary and random weights.
-    let config = serde_json::json!({
-        "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-        "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-12, "pad_token_id": 0, "model_type": "bert"
-    });
-    let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
-    let input = TextInput {
-        max_len: 32,
-        pooling: "mean".into(),
-        normalize: false,
-    };
-    let options = LoadOptions {
-        seed: 5,
-        ..Default::default()
-    };
-    let mut bert = taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap();
+    let mut bert = tiny_bert(0.1, 32);
     let ag = split(DatasetName::AgNews, false)
         .take_per_class(8, 0)
         .unwrap();
@@ -384,17 +367,18 @@ fn bad_references_fail_clearly() {
     ));
 }
 
-/// A 2-layer, 64-hidden BERT with MiniLM's vocabulary, random weights (seed 5) and no dropout.
-fn tiny_bert_no_dropout() -> taskrel_models::Model {
+/// A 2-layer, 64-hidden BERT with MiniLM's vocabulary, random weights (seed 5), dropout `p`
+/// and texts truncated at `max_len`.
+fn tiny_bert(p: f32, max_len: usize) -> taskrel_models::Model {
     let config = serde_json::json!({
         "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "max_position_embeddings": 512,
+        "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": p,
+        "attention_probs_dropout_prob": p, "max_position_embeddings": 512,
         "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0
     });
     let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
     let input = TextInput {
-        max_len: 16,
+        max_len,
         pooling: "mean".into(),
         normalize: false,
     };
@@ -413,7 +397,7 @@ const GRAD_TEXTS: [&str; 3] = [
 
 #[test]
 fn bert_gradients_reach_every_weight_and_match_pytorch() {
-    let bert = tiny_bert_no_dropout();
+    let bert = tiny_bert(0.0, 16);
     let data = Dataset {
         inputs: Inputs::Texts(GRAD_TEXTS.iter().map(|s| s.to_string()).collect()),
         labels: vec![0; GRAD_TEXTS.len()],
