@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::kernels::{AttentionProbs, DropoutMask, GeluErf};
 use crate::model::dropout;
 
 /// The fields of a Hugging Face BERT `config.json` this encoder uses (others are ignored).
@@ -134,8 +135,11 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    /// The activation; when training on the CPU, exact GELU runs as [`GeluErf`] (the same
+    /// values as candle's `gelu_erf` and its backward pass, in one parallel pass each).
+    fn apply(self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match self {
+            Self::GeluErf if train && on_cpu_f32(x) => x.contiguous()?.apply_op1(GeluErf)?,
             Self::GeluErf => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
             Self::Relu => x.relu()?,
@@ -327,6 +331,7 @@ impl Bert {
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * f64::from(f32::MAX))?
             .to_dtype(x.dtype())?
             .reshape((n, 1, 1, len))?;
+        let seq_bias = bias.reshape((n, len))?;
         let head_dim = hidden / self.heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let split = |t: Tensor| -> Result<Tensor> {
@@ -338,9 +343,22 @@ impl Bert {
             let q = split((block.query.forward(&x)? * scale)?)?;
             let k = split(block.key.forward(&x)?)?;
             let v = split(block.value.forward(&x)?)?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let probs = softmax_last(&scores, training)?;
-            let probs = maybe_dropout(probs, self.attention_dropout, &mut train)?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = if training && on_cpu_f32(&scores) {
+                // One kernel for bias, softmax and dropout (same draws, same values).
+                let mask = match train.as_deref_mut() {
+                    Some(rng) if self.attention_dropout > 0.0 => Some(DropoutMask::draw(
+                        scores.elem_count(),
+                        self.attention_dropout,
+                        rng,
+                    )),
+                    _ => None,
+                };
+                scores.apply_op2(&seq_bias, AttentionProbs { mask })?
+            } else {
+                let probs = softmax_last(&scores.broadcast_add(&bias)?, training)?;
+                maybe_dropout(probs, self.attention_dropout, &mut train)?
+            };
             let context = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
@@ -351,7 +369,7 @@ impl Bert {
                 &mut train,
             )?;
             let attn = block.attn_norm.forward(&(attn + &x)?, training)?;
-            let up = self.act.apply(&block.up.forward(&attn)?)?;
+            let up = self.act.apply(&block.up.forward(&attn)?, training)?;
             let down = maybe_dropout(block.down.forward(&up)?, self.hidden_dropout, &mut train)?;
             x = block.out_norm.forward(&(down + &attn)?, training)?;
         }

@@ -6,7 +6,11 @@
 //! last dimension, for contiguous f32 tensors on the CPU, whose backward pass is one more
 //! kernel. Other devices and types use the tensor-op versions in [`crate::bert`].
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, bail};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 /// The contiguous f32 data of a CPU tensor's storage.
 fn f32_slice<'a>(
@@ -249,6 +253,317 @@ impl CustomOp3 for LayerNormBackward {
             *last *= 2;
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// A dropout mask: `true` keeps an element (scaled by `scale`), `false` zeroes it.
+#[derive(Clone, Debug)]
+pub(crate) struct DropoutMask {
+    keep: Arc<[bool]>,
+    scale: f32,
+}
+
+impl DropoutMask {
+    /// One draw per element from `rng` in row-major order, kept with probability `1 - p`.
+    pub(crate) fn draw(len: usize, p: f32, rng: &mut ChaCha8Rng) -> Self {
+        let keep = 1.0 - p;
+        Self {
+            keep: (0..len).map(|_| rng.random::<f32>() < keep).collect(),
+            scale: 1.0 / keep,
+        }
+    }
+
+    /// The multiplier of a kept (`1 / keep`) or dropped (0) element.
+    fn factor(&self, keep: bool) -> f32 {
+        if keep { self.scale } else { 0.0 }
+    }
+
+    /// The mask as multipliers, for a mask tensor.
+    pub(crate) fn factors(&self) -> Vec<f32> {
+        self.keep.iter().map(|&k| self.factor(k)).collect()
+    }
+
+    fn check(&self, len: usize, what: &str) -> candle_core::Result<()> {
+        if self.keep.len() != len {
+            bail!("{what}: mask of {} for {len} values", self.keep.len())
+        }
+        Ok(())
+    }
+}
+
+/// Inverted dropout with a fixed mask; its backward pass applies the same mask to the
+/// gradient. The mask is kept as one byte per element instead of an f32 tensor.
+#[derive(Clone, Debug)]
+pub(crate) struct Dropout(pub(crate) DropoutMask);
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "taskrel-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        self.0.check(x.len(), self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(self.0.keep.par_chunks(CHUNK)))
+            .for_each(|(out, (x, keep))| {
+                for ((o, &v), &k) in out.iter_mut().zip(x).zip(keep) {
+                    *o = v * self.0.factor(k);
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// Elements per parallel chunk of the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// The attention probabilities of one layer in one pass: `softmax(scores + bias)` over the
+/// last dimension, then dropout with `mask` if any. `scores` is `(n, heads, q, k)` and `bias`
+/// `(n, k)` (0 where attended, very negative on padding). Only the raw scores and the output
+/// stay alive for the backward pass, which recomputes the probabilities from the scores.
+#[derive(Clone, Debug)]
+pub(crate) struct AttentionProbs {
+    pub(crate) mask: Option<DropoutMask>,
+}
+
+/// Rows of the scores per sequence of the batch, after checking the shapes.
+fn rows_per_sequence(scores: &Layout, bias: &Layout, what: &str) -> candle_core::Result<usize> {
+    let (n, k) = match bias.dims() {
+        [n, k] => (*n, *k),
+        dims => bail!("{what}: expected a (n, k) bias, got {dims:?}"),
+    };
+    let d = row_len(scores, what)?;
+    let rows = scores.shape().elem_count() / d;
+    if d != k || n == 0 || rows % n != 0 {
+        bail!(
+            "{what}: scores {:?} do not match bias {:?}",
+            scores.dims(),
+            bias.dims()
+        )
+    }
+    Ok(rows / n)
+}
+
+/// Writes `softmax(row + bias)` into `out`, exactly as [`Softmax`] does on the sum.
+fn biased_softmax(out: &mut [f32], row: &[f32], bias: &[f32]) {
+    for ((o, &v), &b) in out.iter_mut().zip(row).zip(bias) {
+        *o = v + b;
+    }
+    let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for o in out.iter_mut() {
+        *o = (*o - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "taskrel-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let bias = f32_slice(s2, l2, self.name())?;
+        let per_seq = rows_per_sequence(l1, l2, self.name())?;
+        let d = row_len(l1, self.name())?;
+        if let Some(mask) = &self.mask {
+            mask.check(x.len(), self.name())?;
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(r, (out, row))| {
+                let b = &bias[(r / per_seq) * d..(r / per_seq + 1) * d];
+                biased_softmax(out, row, b);
+                if let Some(mask) = &self.mask {
+                    for (o, &k) in out.iter_mut().zip(&mask.keep[r * d..(r + 1) * d]) {
+                        *o *= mask.factor(k);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = scores.apply_op3_no_bwd(
+            bias,
+            &grad_res.contiguous()?,
+            &AttentionProbsBackward(self.clone()),
+        )?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// The scores' gradient of [`AttentionProbs`]: the output gradient through the dropout mask,
+/// then `p * (g - sum(g * p))` with `p` recomputed from the scores.
+struct AttentionProbsBackward(AttentionProbs);
+
+impl CustomOp3 for AttentionProbsBackward {
+    fn name(&self) -> &'static str {
+        "taskrel-attention-probs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let bias = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let per_seq = rows_per_sequence(l1, l2, self.name())?;
+        let d = row_len(l1, self.name())?;
+        if l1.shape() != l3.shape() {
+            bail!("{}: gradient shape differs from the scores'", self.name())
+        }
+        let mask = self.0.mask.as_ref();
+        if let Some(mask) = mask {
+            mask.check(x.len(), self.name())?;
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .enumerate()
+            .for_each(|(r, (out, (row, g)))| {
+                let b = &bias[(r / per_seq) * d..(r / per_seq + 1) * d];
+                let mut p = vec![0f32; d];
+                biased_softmax(&mut p, row, b);
+                // `out` first holds the gradient of the probabilities.
+                match mask {
+                    Some(mask) => {
+                        for ((o, &gv), &k) in out.iter_mut().zip(g).zip(&mask.keep[r * d..]) {
+                            *o = gv * mask.factor(k);
+                        }
+                    }
+                    None => out.copy_from_slice(g),
+                }
+                let dot: f32 = p.iter().zip(out.iter()).map(|(a, b)| a * b).sum();
+                for (o, &pv) in out.iter_mut().zip(&p) {
+                    *o = pv * (*o - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// GELU with the exact error function, `x/2 (1 + erf(x / sqrt 2))`, in parallel, with a
+/// one-pass backward kernel. Both compute what candle's `gelu_erf` and its backward pass
+/// compute, operation for operation, so results are bit-identical to the tensor-op version.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "taskrel-gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::erf::erf_f32;
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(out, x)| {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = (erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v;
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &GeluErfBackward)?,
+        ))
+    }
+}
+
+/// `g * (0.5 + 0.398942 x exp(-x^2 / 2) + 0.5 erf(x / sqrt 2))` in the order of candle's
+/// `gelu_erf` backward pass (each scalar affine step as candle's `affine`, `v * mul + add`).
+struct GeluErfBackward;
+
+impl CustomOp2 for GeluErfBackward {
+    fn name(&self) -> &'static str {
+        "taskrel-gelu-erf-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::erf::erf_f32;
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!("{}: gradient shape differs from the input's", self.name())
+        }
+        let half = 0.5f64 as f32;
+        let coef = 0.398942f64 as f32;
+        let inv_sqrt2 = (1. / 2f64.sqrt()) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(out, (x, g))| {
+                for ((o, &a), &gv) in out.iter_mut().zip(x).zip(g) {
+                    let neg_half_square = -(a * a) * half + 0.0;
+                    let scaled_exp_arg = (neg_half_square.exp() * coef + 0.0) * a;
+                    let erf_scaled = erf_f32(a * inv_sqrt2 + 0.0) * half + 0.0;
+                    *o = gv * ((scaled_exp_arg * 1.0 + half) + erf_scaled);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

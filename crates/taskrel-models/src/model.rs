@@ -4,7 +4,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use taskrel_data::Dataset;
 
@@ -38,19 +37,17 @@ pub trait Encoder: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// Inverted dropout with a mask drawn from `rng` on the CPU.
+/// Inverted dropout with a mask drawn from `rng` on the CPU (one draw per element, in
+/// row-major order). CPU f32 tensors go through [`crate::kernels::Dropout`], which keeps the
+/// mask as bytes; other devices multiply by a mask tensor, with the same result.
 pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f32>() < keep {
-                1.0 / keep
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
+    let mask = crate::kernels::DropoutMask::draw(x.elem_count(), p, rng);
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x
+            .contiguous()?
+            .apply_op1(crate::kernels::Dropout(mask))?);
+    }
+    let mask = Tensor::from_vec(mask.factors(), x.shape(), &Device::Cpu)?
         .to_dtype(x.dtype())?
         .to_device(x.device())?;
     Ok((x * mask)?)
