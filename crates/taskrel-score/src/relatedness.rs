@@ -1034,9 +1034,9 @@ fn batch_plan(
             let assigned: Vec<usize> = (0..r.k)
                 .map(|j| argmax(&(0..t.k).map(|k| b[k * r.k + j]).collect::<Vec<f64>>()))
                 .collect();
-            let mut plan = Vec::new();
             let total_t = ti.len() as f64;
             let mut mass_used = 0.0;
+            let mut jobs = Vec::with_capacity(t.k);
             for k in 0..t.k {
                 let xs: Vec<usize> = (0..ri.len())
                     .filter(|&p| assigned[rl[ri[p]] as usize] == k)
@@ -1047,7 +1047,21 @@ fn batch_plan(
                 }
                 let mass = ys.len() as f64 / total_t;
                 mass_used += mass;
-                let (_, block) = blocks.solve(&rows(moved, d, &xs), &rows(zt, d, &ys), d, mass)?;
+                jobs.push((xs, ys, mass));
+            }
+            let solve = |(xs, ys, mass): &(Vec<usize>, Vec<usize>, f64)| {
+                blocks.solve(&rows(moved, d, xs), &rows(zt, d, ys), d, *mass)
+            };
+            // The class blocks are independent: exact ones are solved on all cores (the plan is
+            // assembled in class order, so results do not depend on the thread count).
+            let solved: Vec<(f64, Sparse)> = if cfg.solver == Solver::BlockEmd {
+                use rayon::prelude::*;
+                jobs.par_iter().map(solve).collect::<Result<_>>()?
+            } else {
+                jobs.iter().map(solve).collect::<Result<_>>()?
+            };
+            let mut plan = Vec::new();
+            for ((xs, ys, _), (_, block)) in jobs.iter().zip(solved) {
                 plan.extend(block.into_iter().map(|(i, l, v)| (xs[i], ys[l], v)));
             }
             if mass_used > 0.0 {
