@@ -231,35 +231,38 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
     };
     let (b, _, h, wd) = x.dims4()?;
     let (oh, ow) = (h + 1 - k, wd + 1 - k);
-    // Row (n, r, q), column (ch, i, j) of the unfolded batch reads pixel (ch, r + i, q + j) of
-    // image n; the column order matches the (o, c, k, k) weight layout, so one matrix product
-    // with the weight convolves the whole batch.
-    let mut index = Vec::with_capacity(oh * ow * c * k * k);
-    for r in 0..oh {
-        for q in 0..ow {
-            for ch in 0..c {
-                for i in 0..k {
-                    for j in 0..k {
-                        index.push(((ch * h + r + i) * wd + q + j) as u32);
+    let cols = if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(crate::kernels::Unfold { k })?
+    } else {
+        // Row (n, r, q), column (ch, i, j) of the unfolded batch reads pixel
+        // (ch, r + i, q + j) of image n, as in the CPU kernel.
+        let mut index = Vec::with_capacity(oh * ow * c * k * k);
+        for r in 0..oh {
+            for q in 0..ow {
+                for ch in 0..c {
+                    for i in 0..k {
+                        for j in 0..k {
+                            index.push(((ch * h + r + i) * wd + q + j) as u32);
+                        }
                     }
                 }
             }
         }
-    }
-    let index = Tensor::from_vec(index, oh * ow * c * k * k, x.device())?;
-    let cols = x
-        .contiguous()?
-        .reshape((b, c * h * wd))?
-        .index_select(&index, 1)?
-        .reshape((b * oh * ow, c * k * k))?;
+        let index = Tensor::from_vec(index, oh * ow * c * k * k, x.device())?;
+        x.contiguous()?
+            .reshape((b, c * h * wd))?
+            .index_select(&index, 1)?
+    };
+    // The column order matches the (o, c, k, k) weight layout, so one matrix product with the
+    // weight convolves the whole batch; the bias is added before the layout turns to NCHW.
     let y = cols
-        .matmul(&w.reshape((o, c * k * k))?.t()?)?
-        .reshape((b, oh, ow, o))?
-        .permute((0, 3, 1, 2))?;
-    match conv.bias() {
-        Some(bias) => Ok(y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?),
-        None => Ok(y),
-    }
+        .reshape((b * oh * ow, c * k * k))?
+        .matmul(&w.reshape((o, c * k * k))?.t()?)?;
+    let y = match conv.bias() {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    };
+    Ok(y.reshape((b, oh, ow, o))?.permute((0, 3, 1, 2))?)
 }
 
 /// 2x2 max pooling (floor on odd sizes) as a reshape and two reductions, whose backward pass

@@ -1,4 +1,4 @@
-//! CPU kernels with a backward pass for BERT training.
+//! CPU kernels with a backward pass, for training BERT and the CNNs.
 //!
 //! candle's fused softmax and layer norm record no backward pass, and the same functions
 //! written with tensor ops take many passes over the attention scores (and keep each
@@ -564,6 +564,122 @@ impl CustomOp2 for GeluErfBackward {
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// The patches of a stride-1 `k x k` convolution, `(b, c, h, w) -> (b, oh * ow * c * k * k)`:
+/// position `(r, q, ch, i, j)` of image `n`'s row holds pixel `(ch, r + i, q + j)`, so one
+/// matrix product with the `(o, c * k * k)` weight convolves the batch. Images are gathered in
+/// parallel; the backward pass adds each patch gradient back to its pixels, in patch order,
+/// image by image in parallel (the order `index_select`'s backward pass would use).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unfold {
+    pub(crate) k: usize,
+}
+
+impl Unfold {
+    /// `(c, h, w, oh, ow)` of a `(b, c, h, w)` input.
+    fn geometry(&self, layout: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
+        let [_, c, h, w] = layout.dims() else {
+            bail!("{what}: expected a (b, c, h, w) input, got {:?}", layout.dims())
+        };
+        if *h < self.k || *w < self.k || self.k == 0 {
+            bail!("{what}: a {0}x{0} kernel does not fit {h}x{w} images", self.k)
+        }
+        Ok([*c, *h, *w, h + 1 - self.k, w + 1 - self.k])
+    }
+
+    /// Calls `f(patch_position, pixel)` for every patch value of one image, in patch order.
+    fn for_each(&self, [c, h, w, oh, ow]: [usize; 5], mut f: impl FnMut(usize, usize)) {
+        let k = self.k;
+        let mut p = 0;
+        for r in 0..oh {
+            for q in 0..ow {
+                for ch in 0..c {
+                    for i in 0..k {
+                        let row = (ch * h + r + i) * w + q;
+                        for j in 0..k {
+                            f(p, row + j);
+                            p += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "taskrel-unfold"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        let g = self.geometry(layout, self.name())?;
+        let [c, h, w, oh, ow] = g;
+        let (image, cols) = (c * h * w, oh * ow * c * self.k * self.k);
+        let b = layout.dims()[0];
+        let mut y = vec![0f32; b * cols];
+        y.par_chunks_mut(cols)
+            .zip(x.par_chunks(image))
+            .for_each(|(out, img)| self.for_each(g, |p, px| out[p] = img[px]));
+        Ok((CpuStorage::F32(y), Shape::from((b, cols))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims: [usize; 4] = arg.dims4()?.into();
+        Ok(Some(
+            grad_res
+                .contiguous()?
+                .apply_op1_no_bwd(&Fold { unfold: *self, dims })?,
+        ))
+    }
+}
+
+/// The backward pass of [`Unfold`]: patch gradients `(b, oh * ow * c * k * k)` summed back
+/// onto the `(b, c, h, w)` pixels.
+struct Fold {
+    unfold: Unfold,
+    dims: [usize; 4],
+}
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "taskrel-fold"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let grad = f32_slice(storage, layout, self.name())?;
+        let shape = Shape::from(self.dims.to_vec());
+        let g = self
+            .unfold
+            .geometry(&Layout::contiguous(&shape), self.name())?;
+        let [c, h, w, oh, ow] = g;
+        let (image, cols) = (c * h * w, oh * ow * c * self.unfold.k * self.unfold.k);
+        if layout.dims() != [self.dims[0], cols] {
+            bail!("{}: gradient of shape {:?}", self.name(), layout.dims())
+        }
+        let mut dx = vec![0f32; self.dims[0] * image];
+        dx.par_chunks_mut(image)
+            .zip(grad.par_chunks(cols))
+            .for_each(|(out, g_row)| self.unfold.for_each(g, |p, px| out[px] += g_row[p]));
+        Ok((CpuStorage::F32(dx), shape))
     }
 }
 
