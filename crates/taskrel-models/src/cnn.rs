@@ -199,7 +199,11 @@ impl Cnn {
             x = match layer {
                 Layer::Conv(c, padding) => conv_unfold(&x, c, *padding)?,
                 Layer::Norm(n) => n.forward_t(&x, train.is_some())?,
+                Layer::Relu if on_cpu_f32(&x) => x.contiguous()?.apply_op1(crate::kernels::Relu)?,
                 Layer::Relu => x.relu()?,
+                Layer::MaxPool2 if on_cpu_f32(&x) => {
+                    x.contiguous()?.apply_op1(crate::kernels::MaxPool2)?
+                }
                 Layer::MaxPool2 => max_pool2(&x)?,
                 Layer::Dropout(p) => match train.as_deref_mut() {
                     Some(rng) => dropout(&x, *p, rng)?,
@@ -231,7 +235,7 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
     };
     let (b, _, h, wd) = x.dims4()?;
     let (oh, ow) = (h + 1 - k, wd + 1 - k);
-    let cols = if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    let cols = if on_cpu_f32(&x) {
         x.contiguous()?.apply_op1(crate::kernels::Unfold { k })?
     } else {
         // Row (n, r, q), column (ch, i, j) of the unfolded batch reads pixel
@@ -263,6 +267,10 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
         None => y,
     };
     Ok(y.reshape((b, oh, ow, o))?.permute((0, 3, 1, 2))?)
+}
+
+fn on_cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
 /// 2x2 max pooling (floor on odd sizes) as a reshape and two reductions, whose backward pass

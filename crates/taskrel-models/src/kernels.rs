@@ -350,7 +350,7 @@ fn rows_per_sequence(scores: &Layout, bias: &Layout, what: &str) -> candle_core:
     };
     let d = row_len(scores, what)?;
     let rows = scores.shape().elem_count() / d;
-    if d != k || n == 0 || rows % n != 0 {
+    if d != k || n == 0 || !rows.is_multiple_of(n) {
         bail!(
             "{what}: scores {:?} do not match bias {:?}",
             scores.dims(),
@@ -520,9 +520,10 @@ impl CustomOp1 for GeluErf {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &GeluErfBackward)?,
-        ))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &GeluErfBackward,
+        )?))
     }
 }
 
@@ -581,10 +582,16 @@ impl Unfold {
     /// `(c, h, w, oh, ow)` of a `(b, c, h, w)` input.
     fn geometry(&self, layout: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
         let [_, c, h, w] = layout.dims() else {
-            bail!("{what}: expected a (b, c, h, w) input, got {:?}", layout.dims())
+            bail!(
+                "{what}: expected a (b, c, h, w) input, got {:?}",
+                layout.dims()
+            )
         };
         if *h < self.k || *w < self.k || self.k == 0 {
-            bail!("{what}: a {0}x{0} kernel does not fit {h}x{w} images", self.k)
+            bail!(
+                "{what}: a {0}x{0} kernel does not fit {h}x{w} images",
+                self.k
+            )
         }
         Ok([*c, *h, *w, h + 1 - self.k, w + 1 - self.k])
     }
@@ -639,11 +646,10 @@ impl CustomOp1 for Unfold {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let dims: [usize; 4] = arg.dims4()?.into();
-        Ok(Some(
-            grad_res
-                .contiguous()?
-                .apply_op1_no_bwd(&Fold { unfold: *self, dims })?,
-        ))
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Fold {
+            unfold: *self,
+            dims,
+        })?))
     }
 }
 
@@ -680,6 +686,183 @@ impl CustomOp1 for Fold {
             .zip(grad.par_chunks(cols))
             .for_each(|(out, g_row)| self.unfold.for_each(g, |p, px| out[px] += g_row[p]));
         Ok((CpuStorage::F32(dx), shape))
+    }
+}
+
+/// ReLU in one parallel pass; the backward pass lets the gradient through where `x >= 0`
+/// (as candle's `relu` backward does, 0 included).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "taskrel-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(out, x)| {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &ReluBackward,
+        )?))
+    }
+}
+
+struct ReluBackward;
+
+impl CustomOp2 for ReluBackward {
+    fn name(&self) -> &'static str {
+        "taskrel-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!("{}: gradient shape differs from the input's", self.name())
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(out, (x, g))| {
+                for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+                    *o = gv * if v >= 0.0 { 1.0 } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// 2x2 max pooling of `(b, c, h, w)` (floor on odd sizes), as the maximum over each pair of
+/// columns and then over the two row maxima. The backward pass follows candle's backward pass
+/// of those two max reductions: the gradient goes to every element equal to its maximum.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaxPool2;
+
+fn pool_dims(layout: &Layout, what: &str) -> candle_core::Result<[usize; 4]> {
+    match layout.dims() {
+        [b, c, h, w] if *h >= 2 && *w >= 2 => Ok([*b, *c, *h, *w]),
+        dims => bail!("{what}: expected (b, c, h, w) with h, w >= 2, got {dims:?}"),
+    }
+}
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "taskrel-max-pool2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(storage, layout, self.name())?;
+        let [b, c, h, w] = pool_dims(layout, self.name())?;
+        let (h2, w2) = (h / 2, w / 2);
+        let mut y = vec![0f32; b * c * h2 * w2];
+        y.par_chunks_mut(h2 * w2)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| {
+                for r in 0..h2 {
+                    for q in 0..w2 {
+                        let at = |i: usize, j: usize| plane[(2 * r + i) * w + 2 * q + j];
+                        let top = at(0, 0).max(at(0, 1));
+                        let bottom = at(1, 0).max(at(1, 1));
+                        out[r * w2 + q] = top.max(bottom);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, h2, w2))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &MaxPool2Backward,
+        )?))
+    }
+}
+
+struct MaxPool2Backward;
+
+impl CustomOp2 for MaxPool2Backward {
+    fn name(&self) -> &'static str {
+        "taskrel-max-pool2-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        let [b, c, h, w] = pool_dims(l1, self.name())?;
+        let (h2, w2) = (h / 2, w / 2);
+        if l2.dims() != [b, c, h2, w2] {
+            bail!("{}: gradient of shape {:?}", self.name(), l2.dims())
+        }
+        // `1.0 * g` or `0.0 * g` where an element equals its maximum or not, then added to
+        // a zero gradient, once per reduction, as the tensor-op backward pass computes it.
+        let pass = |hit: bool, g: f32| 0.0 + (if hit { 1.0 } else { 0.0 }) * g;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(h2 * w2)))
+            .for_each(|(out, (plane, g))| {
+                for r in 0..h2 {
+                    for q in 0..w2 {
+                        let at = |i: usize, j: usize| plane[(2 * r + i) * w + 2 * q + j];
+                        let rows = [at(0, 0).max(at(0, 1)), at(1, 0).max(at(1, 1))];
+                        let top = rows[0].max(rows[1]);
+                        let gv = g[r * w2 + q];
+                        for (i, &row_max) in rows.iter().enumerate() {
+                            let g_row = pass(row_max == top, gv);
+                            for j in 0..2 {
+                                out[(2 * r + i) * w + 2 * q + j] = pass(at(i, j) == row_max, g_row);
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
@@ -751,5 +934,146 @@ mod tests {
             let gap = max_gap(g1.get(var).unwrap(), g2.get(var).unwrap());
             assert!(gap < 1e-4, "gradient gap {gap}");
         }
+    }
+
+    /// Gradients of `sum(y * w)` with respect to `x` for two ways of computing `y`.
+    fn grads_of(x: &Var, w: &Tensor, y1: &Tensor, y2: &Tensor) -> (Tensor, Tensor) {
+        let g = |y: &Tensor| {
+            let grads = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+            grads.get(x).unwrap().clone()
+        };
+        (g(y1), g(y2))
+    }
+
+    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        a.len() == b.len() && a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits())
+    }
+
+    #[test]
+    fn dropout_attention_and_gelu_kernels_are_bit_identical_to_tensor_ops() {
+        use rand::SeedableRng;
+        let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // Dropout: the kernel against a multiplication by the mask tensor.
+        let x = Var::from_tensor(&input(6, 13, 3.0)).unwrap();
+        let w = input(6, 13, 1.0);
+        let mask = super::DropoutMask::draw(78, 0.3, &mut rng());
+        let fused = x.apply_op1(super::Dropout(mask.clone())).unwrap();
+        let factors = Tensor::from_vec(mask.factors(), (6, 13), &Device::Cpu).unwrap();
+        let ops = (x.as_tensor() * &factors).unwrap();
+        assert!(same_bits(&fused, &ops));
+        assert!(mask.factors().contains(&0.0), "the test mask drops nothing");
+        let (g1, g2) = grads_of(&x, &w, &fused, &ops);
+        assert!(same_bits(&g1, &g2));
+
+        // Attention probabilities: bias, softmax and dropout against the three tensor ops.
+        let (n, heads, len) = (2, 3, 5);
+        let x = Var::from_tensor(
+            &input(n * heads * len, len, 2.0)
+                .reshape((n, heads, len, len))
+                .unwrap(),
+        )
+        .unwrap();
+        let w = input(n * heads * len, len, 1.0)
+            .reshape((n, heads, len, len))
+            .unwrap();
+        let bias = Tensor::from_vec(
+            vec![0f32, 0., 0., -f32::MAX, -f32::MAX, 0., 0., 0., 0., 0.],
+            (n, len),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for p in [None, Some(0.25)] {
+            let mask = p.map(|p| super::DropoutMask::draw(n * heads * len * len, p, &mut rng()));
+            let fused = x
+                .apply_op2(&bias, super::AttentionProbs { mask: mask.clone() })
+                .unwrap();
+            let biased = x
+                .broadcast_add(&bias.reshape((n, 1, 1, len)).unwrap())
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let mut ops = biased.apply_op1(super::Softmax).unwrap();
+            if let Some(mask) = &mask {
+                let f = Tensor::from_vec(mask.factors(), ops.shape(), &Device::Cpu).unwrap();
+                ops = (ops * f).unwrap();
+            }
+            assert!(same_bits(&fused, &ops));
+            let (g1, g2) = grads_of(&x, &w, &fused, &ops);
+            assert!(same_bits(&g1, &g2), "gradient gap {}", max_gap(&g1, &g2));
+        }
+
+        // Exact GELU against candle's gelu_erf, values and gradients.
+        let x = Var::from_tensor(&input(7, 9, 2.5)).unwrap();
+        let w = input(7, 9, 1.0);
+        let fused = x.apply_op1(super::GeluErf).unwrap();
+        let ops = x.gelu_erf().unwrap();
+        assert!(same_bits(&fused, &ops));
+        let (g1, g2) = grads_of(&x, &w, &fused, &ops);
+        assert!(same_bits(&g1, &g2), "gradient gap {}", max_gap(&g1, &g2));
+    }
+
+    #[test]
+    fn cnn_kernels_are_bit_identical_to_tensor_ops() {
+        // Unfold against the gather it replaces, for a (2, 3, 6, 7) batch and a 3x3 kernel.
+        let (b, c, h, wd, k) = (2, 3, 6, 7, 3);
+        let x =
+            Var::from_tensor(&input(b * c, h * wd, 1.5).reshape((b, c, h, wd)).unwrap()).unwrap();
+        let (oh, ow) = (h + 1 - k, wd + 1 - k);
+        let mut index = Vec::new();
+        for r in 0..oh {
+            for q in 0..ow {
+                for ch in 0..c {
+                    for i in 0..k {
+                        for j in 0..k {
+                            index.push(((ch * h + r + i) * wd + q + j) as u32);
+                        }
+                    }
+                }
+            }
+        }
+        let index = Tensor::new(index.as_slice(), &Device::Cpu).unwrap();
+        let fused = x.apply_op1(super::Unfold { k }).unwrap();
+        let ops = x
+            .reshape((b, c * h * wd))
+            .unwrap()
+            .index_select(&index, 1)
+            .unwrap();
+        assert!(same_bits(&fused, &ops));
+        let w = input(b, oh * ow * c * k * k, 1.0);
+        let (g1, g2) = grads_of(&x, &w, &fused, &ops);
+        assert!(same_bits(&g1, &g2));
+
+        // ReLU and 2x2 max pooling (odd width; ties from the ReLU's zeros) against tensor ops.
+        let relu_fused = x.apply_op1(super::Relu).unwrap();
+        let relu_ops = x.relu().unwrap();
+        assert!(same_bits(&relu_fused, &relu_ops));
+        let pool_fused = relu_fused.apply_op1(super::MaxPool2).unwrap();
+        let pool_ops = relu_ops
+            .narrow(3, 0, 6)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, c, 3, 2, 3, 2))
+            .unwrap()
+            .max(5)
+            .unwrap()
+            .max(3)
+            .unwrap();
+        assert!(same_bits(&pool_fused, &pool_ops));
+        let w = input(b * c, 9, 1.0).reshape((b, c, 3, 3)).unwrap();
+        let (g1, g2) = grads_of(&x, &w, &pool_fused, &pool_ops);
+        assert!(same_bits(&g1, &g2));
+        let zeros = relu_ops
+            .eq(0f32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap();
+        assert!(zeros > 8, "no ties to test");
     }
 }

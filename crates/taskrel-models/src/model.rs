@@ -43,9 +43,7 @@ pub trait Encoder: std::fmt::Debug + Send + Sync {
 pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let mask = crate::kernels::DropoutMask::draw(x.elem_count(), p, rng);
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return Ok(x
-            .contiguous()?
-            .apply_op1(crate::kernels::Dropout(mask))?);
+        return Ok(x.contiguous()?.apply_op1(crate::kernels::Dropout(mask))?);
     }
     let mask = Tensor::from_vec(mask.factors(), x.shape(), &Device::Cpu)?
         .to_dtype(x.dtype())?
