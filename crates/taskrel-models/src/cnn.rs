@@ -240,18 +240,7 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
     } else {
         // Row (n, r, q), column (ch, i, j) of the unfolded batch reads pixel
         // (ch, r + i, q + j) of image n, as in the CPU kernel.
-        let mut index = Vec::with_capacity(oh * ow * c * k * k);
-        for r in 0..oh {
-            for q in 0..ow {
-                for ch in 0..c {
-                    for i in 0..k {
-                        for j in 0..k {
-                            index.push(((ch * h + r + i) * wd + q + j) as u32);
-                        }
-                    }
-                }
-            }
-        }
+        let index = unfold_index(c, h, wd, k);
         let index = Tensor::from_vec(index, oh * ow * c * k * k, x.device())?;
         x.contiguous()?
             .reshape((b, c * h * wd))?
@@ -271,6 +260,25 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
 
 fn on_cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Pixel of each unfolded column, `(r, q, ch, i, j) -> (ch, r + i, q + j)` of a `(c, h, w)`
+/// image, for a stride-1 `k x k` kernel.
+pub(crate) fn unfold_index(c: usize, h: usize, w: usize, k: usize) -> Vec<u32> {
+    let (oh, ow) = (h + 1 - k, w + 1 - k);
+    let mut index = Vec::with_capacity(oh * ow * c * k * k);
+    for r in 0..oh {
+        for q in 0..ow {
+            for ch in 0..c {
+                for i in 0..k {
+                    for j in 0..k {
+                        index.push(((ch * h + r + i) * w + q + j) as u32);
+                    }
+                }
+            }
+        }
+    }
+    index
 }
 
 /// 2x2 max pooling (floor on odd sizes) as a reshape and two reductions, whose backward pass

@@ -333,6 +333,45 @@ impl CustomOp1 for Dropout {
 /// Elements per parallel chunk of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
+/// `f(x)` for every element of a contiguous f32 tensor, in parallel chunks.
+fn map1(
+    what: &str,
+    (storage, layout): (&CpuStorage, &Layout),
+    f: impl Fn(f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    use rayon::prelude::*;
+    let x = f32_slice(storage, layout, what)?;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(out, x)| out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v)));
+    Ok((CpuStorage::F32(y), layout.shape().clone()))
+}
+
+/// `f(x, g)` for every element of an input `x` and its gradient `g` (same shape).
+fn map2(
+    what: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    use rayon::prelude::*;
+    let x = f32_slice(s1, l1, what)?;
+    let g = f32_slice(s2, l2, what)?;
+    if l1.shape() != l2.shape() {
+        bail!("{what}: gradient shape differs from the input's")
+    }
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(out, (x, g))| {
+            for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+                *o = f(v, gv);
+            }
+        });
+    Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
+
 /// The attention probabilities of one layer in one pass: `softmax(scores + bias)` over the
 /// last dimension, then dropout with `mask` if any. `scores` is `(n, heads, q, k)` and `bias`
 /// `(n, k)` (0 where attended, very negative on padding). Only the raw scores and the output
@@ -501,17 +540,9 @@ impl CustomOp1 for GeluErf {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::cpu::erf::erf_f32;
-        use rayon::prelude::*;
-        let x = f32_slice(storage, layout, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(out, x)| {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = (erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v;
-                }
-            });
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
+        map1(self.name(), (storage, layout), |v| {
+            (erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+        })
     }
 
     fn bwd(
@@ -544,27 +575,15 @@ impl CustomOp2 for GeluErfBackward {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::cpu::erf::erf_f32;
-        use rayon::prelude::*;
-        let x = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        if l1.shape() != l2.shape() {
-            bail!("{}: gradient shape differs from the input's", self.name())
-        }
         let half = 0.5f64 as f32;
         let coef = 0.398942f64 as f32;
         let inv_sqrt2 = (1. / 2f64.sqrt()) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(out, (x, g))| {
-                for ((o, &a), &gv) in out.iter_mut().zip(x).zip(g) {
-                    let neg_half_square = -(a * a) * half + 0.0;
-                    let scaled_exp_arg = (neg_half_square.exp() * coef + 0.0) * a;
-                    let erf_scaled = erf_f32(a * inv_sqrt2 + 0.0) * half + 0.0;
-                    *o = gv * ((scaled_exp_arg * 1.0 + half) + erf_scaled);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map2(self.name(), (s1, l1), (s2, l2), |a, gv| {
+            let neg_half_square = -(a * a) * half + 0.0;
+            let scaled_exp_arg = (neg_half_square.exp() * coef + 0.0) * a;
+            let erf_scaled = erf_f32(a * inv_sqrt2 + 0.0) * half + 0.0;
+            gv * ((scaled_exp_arg * 1.0 + half) + erf_scaled)
+        })
     }
 }
 
@@ -704,17 +723,7 @@ impl CustomOp1 for Relu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let x = f32_slice(storage, layout, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(out, x)| {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = v.max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
+        map1(self.name(), (storage, layout), |v| v.max(0.0))
     }
 
     fn bwd(
@@ -744,21 +753,9 @@ impl CustomOp2 for ReluBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let x = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        if l1.shape() != l2.shape() {
-            bail!("{}: gradient shape differs from the input's", self.name())
-        }
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(out, (x, g))| {
-                for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
-                    *o = gv * if v >= 0.0 { 1.0 } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map2(self.name(), (s1, l1), (s2, l2), |v, gv| {
+            gv * if v >= 0.0 { 1.0 } else { 0.0 }
+        })
     }
 }
 
@@ -1023,18 +1020,7 @@ mod tests {
         let x =
             Var::from_tensor(&input(b * c, h * wd, 1.5).reshape((b, c, h, wd)).unwrap()).unwrap();
         let (oh, ow) = (h + 1 - k, wd + 1 - k);
-        let mut index = Vec::new();
-        for r in 0..oh {
-            for q in 0..ow {
-                for ch in 0..c {
-                    for i in 0..k {
-                        for j in 0..k {
-                            index.push(((ch * h + r + i) * wd + q + j) as u32);
-                        }
-                    }
-                }
-            }
-        }
+        let index = crate::cnn::unfold_index(c, h, wd, k);
         let index = Tensor::new(index.as_slice(), &Device::Cpu).unwrap();
         let fused = x.apply_op1(super::Unfold { k }).unwrap();
         let ops = x
