@@ -5,12 +5,11 @@
 //! For a linear head `h(z) = W z + c` the input gradient of the cross-entropy has the closed
 //! form `grad_z CE(z, y) = W^T (softmax(W z + c) - onehot(y))`, so the penalty
 //! `mean_i relu(||grad_z CE_i|| - tau)^2` is an ordinary function of `W, c` and needs no
-//! double back-propagation. Training: full-batch Adam from zero weights.
+//! double back-propagation. Training: full-batch Adam from zero weights, with the gradient
+//! written out by hand (`head_objective`; a test checks it against candle's autograd).
 
-use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-
-use crate::Result;
+use crate::dense::{Adam, View, gemm};
+use crate::{Error, Result};
 
 /// A trained linear head `(k, d)` with bias `(k)`, on the CPU in f64 for evaluation.
 #[derive(Clone, Debug)]
@@ -38,49 +37,148 @@ pub struct HeadConfig {
     pub lr: f64,
 }
 
-fn onehot(labels: &[u32], k: usize, device: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; labels.len() * k];
-    for (i, &y) in labels.iter().enumerate() {
-        v[i * k + y as usize] = 1.0;
+/// Trains h_R on row-major `z (n, d)` (standardised) with `labels` (`n`) in `0..k`.
+pub fn train_head(
+    z: &[f32],
+    d: usize,
+    labels: &[u32],
+    k: usize,
+    cfg: &HeadConfig,
+) -> Result<LinearHead> {
+    let n = labels.len();
+    if n == 0 || z.len() != n * d {
+        return Err(Error::Invalid(format!(
+            "h_R: {} feature values for {n} labels of dimension {d}",
+            z.len()
+        )));
     }
-    Ok(Tensor::from_vec(v, (labels.len(), k), device)?)
+    if let Some(bad) = labels.iter().find(|&&y| y as usize >= k) {
+        return Err(Error::Invalid(format!("h_R: label {bad} outside 0..{k}")));
+    }
+    let mut w = vec![0f32; k * d];
+    let mut c = vec![0f64; k];
+    let (mut opt_w, mut opt_c) = (Adam::new(k * d, cfg.lr), Adam::new(k, cfg.lr));
+    for _ in 0..cfg.steps {
+        let g = head_objective(z, d, labels, k, &w, &c, cfg);
+        opt_w.step(&mut w, &g.weight);
+        opt_c.step(&mut c, &g.bias);
+    }
+    Ok(LinearHead {
+        weight: w.iter().map(|&v| f64::from(v)).collect(),
+        bias: c,
+        k,
+        d,
+    })
 }
 
-/// Trains h_R on `z (n, d)` (standardised) with `labels` in `0..k`.
-pub fn train_head(z: &Tensor, labels: &[u32], k: usize, cfg: &HeadConfig) -> Result<LinearHead> {
-    let (_, d) = z.dims2()?;
-    let device = z.device();
-    let w = Var::zeros((k, d), DType::F32, device)?;
-    let c = Var::zeros(k, DType::F32, device)?;
-    let y = onehot(labels, k, device)?;
-    let targets = Tensor::from_slice(labels, labels.len(), device)?;
-    let mut opt = AdamW::new(
-        vec![w.clone(), c.clone()],
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    for _ in 0..cfg.steps {
-        let logits = z
-            .matmul(&w.as_tensor().t()?)?
-            .broadcast_add(c.as_tensor())?;
-        let ce = candle_nn::loss::cross_entropy(&logits, &targets)?;
-        let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        let grad_z = (p - &y)?.matmul(w.as_tensor())?;
-        let norms = (grad_z.sqr()?.sum(1)? + 1e-12)?.sqrt()?;
-        let excess = (norms - cfg.tau)?.relu()?;
-        let loss = (ce + (excess.sqr()?.mean_all()? * cfg.penalty)?)?;
-        opt.backward_step(&loss)?;
+/// The training objective of h_R and its gradient.
+pub(crate) struct HeadGradient {
+    /// `mean CE + penalty * mean relu(||grad_z CE|| - tau)^2`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) loss: f64,
+    /// Gradient with respect to the `(k, d)` weights.
+    pub(crate) weight: Vec<f32>,
+    /// Gradient with respect to the `(k)` biases.
+    pub(crate) bias: Vec<f64>,
+}
+
+/// Objective and gradient at `(w, c)`, differentiated by hand. With `r_i = p_i - onehot(y_i)`
+/// and `g_i = W^T r_i` (the input gradient), the penalty's gradient flows through `g_i` twice:
+/// directly through `W^T` (giving `s_i r_i g_i^T`) and through the softmax (giving
+/// `s_i J_i W g_i` on the logits, `J_i = diag(p_i) - p_i p_i^T`), where
+/// `s_i = 2 penalty relu(||g_i|| - tau) / (n ||g_i||)`.
+pub(crate) fn head_objective(
+    z: &[f32],
+    d: usize,
+    labels: &[u32],
+    k: usize,
+    w: &[f32],
+    c: &[f64],
+    cfg: &HeadConfig,
+) -> HeadGradient {
+    let n = labels.len();
+    let nf = n as f64;
+    let mut logits = vec![0f32; n * k];
+    gemm(
+        &mut logits,
+        View::new(z, n, d),
+        View::new(w, k, d).t(),
+        1.0,
+        false,
+    );
+    // r = p - onehot(y), kept as f32 for the products, p in f64 for the rest.
+    let mut p = vec![0f64; n * k];
+    let mut r = vec![0f32; n * k];
+    let mut ce = 0.0;
+    for i in 0..n {
+        let row = &mut p[i * k..(i + 1) * k];
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = f64::from(logits[i * k + j]) + c[j];
+        }
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = row.iter().map(|v| (v - max).exp()).sum();
+        let y = labels[i] as usize;
+        ce -= row[y] - max - total.ln();
+        for v in row.iter_mut() {
+            *v = (*v - max).exp() / total;
+        }
+        for j in 0..k {
+            r[i * k + j] = (row[j] - f64::from(u8::from(j == y))) as f32;
+        }
     }
-    let weight = w
-        .as_tensor()
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    let bias = c.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    Ok(LinearHead { weight, bias, k, d })
+    let mut g = vec![0f32; n * d];
+    gemm(&mut g, View::new(&r, n, k), View::new(w, k, d), 1.0, false);
+    let mut v = vec![0f32; n * k];
+    gemm(
+        &mut v,
+        View::new(&g, n, d),
+        View::new(w, k, d).t(),
+        1.0,
+        false,
+    );
+    let mut penalty = 0.0;
+    let mut dlogits = vec![0f32; n * k];
+    let mut scaled_r = vec![0f32; n * k];
+    for i in 0..n {
+        let gi = &g[i * d..(i + 1) * d];
+        let norm = (gi.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() + 1e-12).sqrt();
+        let excess = (norm - cfg.tau).max(0.0);
+        penalty += excess * excess;
+        let s = 2.0 * cfg.penalty * excess / (nf * norm);
+        let (pi, vi) = (&p[i * k..(i + 1) * k], &v[i * k..(i + 1) * k]);
+        let pv: f64 = pi.iter().zip(vi).map(|(a, b)| a * f64::from(*b)).sum();
+        for j in 0..k {
+            let ri = f64::from(r[i * k + j]);
+            dlogits[i * k + j] = (ri / nf + s * pi[j] * (f64::from(vi[j]) - pv)) as f32;
+            scaled_r[i * k + j] = (s * ri) as f32;
+        }
+    }
+    let mut gw = vec![0f32; k * d];
+    gemm(
+        &mut gw,
+        View::new(&dlogits, n, k).t(),
+        View::new(z, n, d),
+        1.0,
+        false,
+    );
+    gemm(
+        &mut gw,
+        View::new(&scaled_r, n, k).t(),
+        View::new(&g, n, d),
+        1.0,
+        true,
+    );
+    let mut gc = vec![0f64; k];
+    for i in 0..n {
+        for j in 0..k {
+            gc[j] += f64::from(dlogits[i * k + j]);
+        }
+    }
+    HeadGradient {
+        loss: ce / nf + cfg.penalty * penalty / nf,
+        weight: gw,
+        bias: gc,
+    }
 }
 
 impl LinearHead {
@@ -117,5 +215,111 @@ impl LinearHead {
             .sum::<f64>()
             .sqrt();
         (ce, norm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device, Tensor, Var};
+
+    use super::*;
+
+    /// The objective written with candle tensor operations, differentiated by autograd.
+    fn autograd(
+        z: &[f32],
+        d: usize,
+        labels: &[u32],
+        k: usize,
+        w: &[f32],
+        c: &[f64],
+        cfg: &HeadConfig,
+    ) -> candle_core::Result<(f64, Vec<f32>, Vec<f32>)> {
+        let dev = Device::Cpu;
+        let n = labels.len();
+        let zt = Tensor::from_slice(z, (n, d), &dev)?;
+        let wv = Var::from_slice(w, (k, d), &dev)?;
+        let cv = Var::from_vec(c.iter().map(|&x| x as f32).collect::<Vec<f32>>(), k, &dev)?;
+        let mut onehot = vec![0f32; n * k];
+        for (i, &y) in labels.iter().enumerate() {
+            onehot[i * k + y as usize] = 1.0;
+        }
+        let y = Tensor::from_vec(onehot, (n, k), &dev)?;
+        let logits = zt
+            .matmul(&wv.as_tensor().t()?)?
+            .broadcast_add(cv.as_tensor())?;
+        let ce = candle_nn::loss::cross_entropy(&logits, &Tensor::from_slice(labels, n, &dev)?)?;
+        let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let grad_z = (p - &y)?.matmul(wv.as_tensor())?;
+        let norms = (grad_z.sqr()?.sum(1)? + 1e-12)?.sqrt()?;
+        let excess = (norms - cfg.tau)?.relu()?;
+        let loss = (ce + (excess.sqr()?.mean_all()? * cfg.penalty)?)?;
+        let grads = loss.backward()?;
+        let gw = grads
+            .get(wv.as_tensor())
+            .map(|g| g.flatten_all()?.to_vec1::<f32>());
+        let gc = grads.get(cv.as_tensor()).map(|g| g.to_vec1::<f32>());
+        Ok((
+            f64::from(loss.to_scalar::<f32>()?),
+            gw.transpose()?.unwrap_or_default(),
+            gc.transpose()?.unwrap_or_default(),
+        ))
+    }
+
+    #[test]
+    fn hand_written_gradient_matches_candle_autograd() -> candle_core::Result<()> {
+        let (n, d, k) = (40, 6, 3);
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+        };
+        let z: Vec<f32> = (0..n * d).map(|_| next() as f32).collect();
+        let labels: Vec<u32> = (0..n).map(|i| (i % k) as u32).collect();
+        let w: Vec<f32> = (0..k * d).map(|_| (2.0 * next()) as f32).collect();
+        let c: Vec<f64> = (0..k).map(|_| 0.5 * next()).collect();
+        // tau between the smallest and largest input-gradient norms, so some samples are
+        // penalised and some are not.
+        let cfg = HeadConfig {
+            tau: 1.5,
+            penalty: 10.0,
+            steps: 0,
+            lr: 0.0,
+        };
+        let head = LinearHead {
+            weight: w.iter().map(|&v| f64::from(v)).collect(),
+            bias: c.clone(),
+            k,
+            d,
+        };
+        let norms: Vec<f64> = (0..n)
+            .map(|i| {
+                head.loss_and_gradient_norm(&z[i * d..(i + 1) * d], labels[i])
+                    .1
+            })
+            .collect();
+        assert!(norms.iter().any(|&v| v > cfg.tau) && norms.iter().any(|&v| v < cfg.tau));
+        let hand = head_objective(&z, d, &labels, k, &w, &c, &cfg);
+        let (loss, gw, gc) = autograd(&z, d, &labels, k, &w, &c, &cfg)?;
+        assert!(
+            (hand.loss - loss).abs() < 1e-4 * loss.abs().max(1.0),
+            "{} vs {loss}",
+            hand.loss
+        );
+        let scale = gw.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(scale > 0.1, "the penalty must be active: {scale}");
+        let hand_all = hand
+            .weight
+            .iter()
+            .map(|&v| f64::from(v))
+            .chain(hand.bias.iter().copied());
+        for (h, a) in hand_all.zip(gw.iter().chain(&gc)) {
+            assert!(
+                (h - f64::from(*a)).abs() < 1e-4 * f64::from(scale),
+                "{h} vs {a}"
+            );
+        }
+        Ok(())
     }
 }

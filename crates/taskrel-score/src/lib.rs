@@ -5,6 +5,7 @@
 
 pub mod baselines;
 pub mod classifier;
+mod dense;
 pub mod features;
 pub mod ot;
 pub mod relatedness;

@@ -56,14 +56,14 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Device};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{HeadConfig, train_head};
+use crate::dense::{Adam, View, gemm, softmax, softmax_backward};
 use crate::features::FeatureSet;
 use crate::ot::{self, SinkhornConfig};
 use crate::{Error, Result};
@@ -308,9 +308,11 @@ fn draw(pool: &[usize], count: usize, rng: &mut ChaCha8Rng, out: &mut Vec<usize>
 }
 
 fn rows(z: &[f32], d: usize, idx: &[usize]) -> Vec<f32> {
-    idx.iter()
-        .flat_map(|&i| z[i * d..(i + 1) * d].iter().copied())
-        .collect()
+    let mut out = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        out.extend_from_slice(&z[i * d..(i + 1) * d]);
+    }
+    out
 }
 
 fn argmax(v: &[f64]) -> usize {
@@ -495,7 +497,6 @@ pub fn relatedness(
         )));
     }
     // --- Reference classifier -----------------------------------------------------------
-    let zr_all = Tensor::from_slice(&r.z, (reference.n, d), device)?;
     let head_cfg = HeadConfig {
         tau: cfg.tau,
         penalty: cfg.gradient_penalty,
@@ -515,8 +516,7 @@ pub fn relatedness(
         );
     }
     let head_labels: Vec<u32> = head_idx.iter().map(|&i| ref_labels[i]).collect();
-    let head_z = Tensor::from_vec(rows(&r.z, d, &head_idx), (head_idx.len(), d), device)?;
-    let head = train_head(&head_z, &head_labels, r.k, &head_cfg)?;
+    let head = train_head(&rows(&r.z, d, &head_idx), d, &head_labels, r.k, &head_cfg)?;
     let mut class_loss = vec![0f64; r.k];
     let (mut tau_hat, mut ref_hits) = (0f64, 0usize);
     for (i, &y) in ref_labels.iter().enumerate() {
@@ -542,55 +542,19 @@ pub fn relatedness(
     } else {
         identity(t.k, r.k)
     };
-    let b_logits = Var::from_tensor(&Tensor::from_vec(
-        b_init
-            .iter()
-            .flatten()
-            .map(|&p| (p.max(1e-3)).ln() as f32)
-            .collect::<Vec<f32>>(),
-        (t.k, r.k),
-        device,
-    )?)?;
-    let d_logits = Var::from_tensor(&Tensor::from_vec(
-        r.prior.iter().map(|p| p.ln() as f32).collect::<Vec<f32>>(),
-        r.k,
-        device,
-    )?)?;
-    let eye = Tensor::eye(d, DType::F32, device)?;
-    let a = Var::from_tensor(&eye)?;
-    let a_inv = Var::from_tensor(&eye)?;
-    let shift = Var::zeros(d, DType::F32, device)?;
-    let class_loss_t = Tensor::from_vec(
-        class_loss.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        r.k,
-        device,
-    )?;
-    let p_t = Tensor::from_vec(
-        t.prior.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        t.k,
-        device,
-    )?;
+    let mut x = Transform::identity(d, &b_init, &r.prior);
+    let terms = LabelTerms {
+        class_loss: &class_loss,
+        target_prior: &t.prior,
+        label_weight: cfg.label_weight,
+    };
     let learn_prior = labelled && cfg.variant != Variant::FixedAll;
-    let mut main_vars = vec![a.clone(), a_inv.clone(), shift.clone()];
-    if learn_b {
-        main_vars.push(b_logits.clone());
-    }
-    let mut opt = AdamW::new(
-        main_vars,
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    let mut opt_prior = AdamW::new(
-        vec![d_logits.clone()],
-        ParamsAdamW {
-            lr: cfg.lr_prior,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let (mut opt_a, mut opt_a_inv, mut opt_shift) = (
+        Adam::new(d * d, cfg.lr),
+        Adam::new(d * d, cfg.lr),
+        Adam::new(d, cfg.lr),
+    );
+    let (mut opt_b, mut opt_prior) = (Adam::new(t.k * r.k, cfg.lr), Adam::new(r.k, cfg.lr_prior));
     let iterations = if cfg.variant == Variant::FixedAll {
         0
     } else {
@@ -598,11 +562,10 @@ pub fn relatedness(
     };
     let opt_start = Instant::now();
     let mut transport_seconds = 0.0;
-    let zt_all = Tensor::from_slice(&t.z, (target.n, d), device)?;
     for _ in 0..iterations {
         // (1) Seeded batches.
         let prior_now = if learn_prior {
-            to_f64(&candle_nn::ops::softmax(d_logits.as_tensor(), 0)?)?
+            softmax(&x.d_logits)
         } else {
             r.prior.clone()
         };
@@ -627,134 +590,48 @@ pub fn relatedness(
             )));
         }
         // (2) Plan on the current transformation.
-        let ri_t = Tensor::from_vec(
-            ri.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
-            ri.len(),
-            device,
-        )?;
-        let ti_t = Tensor::from_vec(
-            ti.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
-            ti.len(),
-            device,
-        )?;
-        let zr = zr_all.index_select(&ri_t, 0)?;
-        let zt = zt_all.index_select(&ti_t, 0)?;
-        let moved = zr
-            .matmul(&a.as_tensor().t()?)?
-            .broadcast_add(shift.as_tensor())?;
-        let moved_host = moved
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let zt_host = rows(&t.z, d, &ti);
-        let b_now = to_f64(&candle_nn::ops::softmax(b_logits.as_tensor(), 0)?)?;
+        let zr = rows(&r.z, d, &ri);
+        let zt = rows(&t.z, d, &ti);
+        let moved = x.apply(&zr, d);
+        let b_now = x.label_map();
         let t_solve = Instant::now();
         let plan = batch_plan(
-            &r,
-            &t,
-            &ri,
-            &ti,
-            &moved_host,
-            &zt_host,
-            d,
-            &b_now,
-            labelled,
-            cfg,
-            &blocks,
+            &r, &t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, &blocks,
         )?;
         transport_seconds += t_solve.elapsed().as_secs_f64();
         if plan.is_empty() {
             continue;
         }
         // (3) One Adam step on the objective.
-        let pi = Tensor::from_vec(
-            plan.iter().map(|p| p.0 as u32).collect::<Vec<u32>>(),
-            plan.len(),
-            device,
-        )?;
-        let pl = Tensor::from_vec(
-            plan.iter().map(|p| p.1 as u32).collect::<Vec<u32>>(),
-            plan.len(),
-            device,
-        )?;
-        let gamma = Tensor::from_vec(
-            plan.iter().map(|p| p.2 as f32).collect::<Vec<f32>>(),
-            plan.len(),
-            device,
-        )?;
-        let diff = (moved.index_select(&pi, 0)? - zt.index_select(&pl, 0)?)?;
-        let feature = (diff.sqr()?.sum(1)? * &gamma)?.sum_all()?;
-        let eye_loss = ((a.as_tensor().matmul(a_inv.as_tensor())? - &eye)?
-            .sqr()?
-            .sum_all()?
-            + (a_inv.as_tensor().matmul(a.as_tensor())? - &eye)?
-                .sqr()?
-                .sum_all()?)?;
-        let mut objective = ((feature * 2.0)? + eye_loss)?;
-        if labelled {
-            let b = candle_nn::ops::softmax(b_logits.as_tensor(), 0)?;
-            let prior = candle_nn::ops::softmax(d_logits.as_tensor(), 0)?;
-            let ry = Tensor::from_vec(
-                plan.iter()
-                    .map(|p| r.label(ri[p.0]) as u32)
-                    .collect::<Vec<u32>>(),
-                plan.len(),
-                device,
-            )?;
-            let ty: Vec<u32> = plan.iter().map(|p| t.label(ti[p.1]) as u32).collect();
-            let mut onehot = vec![0f32; plan.len() * t.k];
-            for (row, &y) in ty.iter().enumerate() {
-                onehot[row * t.k + y as usize] = 1.0;
-            }
-            let onehot = Tensor::from_vec(onehot, (plan.len(), t.k), device)?;
-            let by = b.t()?.contiguous()?.index_select(&ry, 0)?;
-            let label =
-                (((by - onehot)?.sqr()?.sum(1)? * &gamma)?.sum_all()? * (2.0 * cfg.label_weight))?;
-            let entropy = ((b.clone() * b.clamp(1e-12, 1.0)?.log()?)?.sum(0)? * &prior)?
-                .sum_all()?
-                .neg()?;
-            let ref_term = (&prior * &class_loss_t)?.sum_all()?;
-            let prior_gap = (&p_t - b.matmul(&prior.unsqueeze(1)?)?.squeeze(1)?)?
-                .sqr()?
-                .sum_all()?;
-            objective = (objective + label + entropy + ref_term + prior_gap)?;
+        let batch = Batch {
+            zr: &zr,
+            moved: &moved,
+            zt: &zt,
+            plan: &plan,
+            ref_labels: &ri.iter().map(|&i| r.label(i)).collect::<Vec<_>>(),
+            target_labels: &ti.iter().map(|&i| t.label(i)).collect::<Vec<_>>(),
+        };
+        let g = objective(&x, &batch, labelled.then_some(&terms));
+        opt_a.step(&mut x.a, &g.a);
+        opt_a_inv.step(&mut x.a_inv, &g.a_inv);
+        opt_shift.step(&mut x.shift, &g.shift);
+        if learn_b {
+            opt_b.step(&mut x.b_logits, &g.b_logits);
         }
-        let grads = objective.backward()?;
-        opt.step(&grads)?;
         if learn_prior {
-            opt_prior.step(&grads)?;
+            opt_prior.step(&mut x.d_logits, &g.d_logits);
         }
     }
     let optimisation_seconds = opt_start.elapsed().as_secs_f64();
     // --- Final terms ---------------------------------------------------------------------
     let eval_start = Instant::now();
     let prior = if learn_prior {
-        to_f64(&candle_nn::ops::softmax(d_logits.as_tensor(), 0)?)?
+        softmax(&x.d_logits)
     } else {
         r.prior.clone()
     };
-    let a_host = to_f64(a.as_tensor())?;
-    let a_inv_host = to_f64(a_inv.as_tensor())?;
-    let shift_host = to_f64(shift.as_tensor())?;
-    let transform = |z: &[f32]| -> Vec<f32> {
-        (0..d)
-            .map(|o| {
-                (shift_host[o]
-                    + (0..d)
-                        .map(|q| a_host[o * d + q] * f64::from(z[q]))
-                        .sum::<f64>()) as f32
-            })
-            .collect()
-    };
-    let back_transform = |z: &[f32]| -> Vec<f32> {
-        (0..d)
-            .map(|o| {
-                (0..d)
-                    .map(|q| a_inv_host[o * d + q] * (f64::from(z[q]) - shift_host[q]))
-                    .sum::<f64>() as f32
-            })
-            .collect()
-    };
+    // Every target point taken back to the reference domain: A'(z' - b).
+    let back_all = x.apply_inverse(&t.z, d);
     let mut eval_rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(0x5eed));
     let mut ref_eval = Vec::new();
     for pool in &r.members {
@@ -765,12 +642,9 @@ pub fn relatedness(
             &mut ref_eval,
         );
     }
-    let moved_eval: Vec<f32> = ref_eval
-        .iter()
-        .flat_map(|&i| transform(&r.z[i * d..(i + 1) * d]))
-        .collect();
+    let moved_eval = x.apply(&rows(&r.z, d, &ref_eval), d);
     let (label_map, wasserstein, pseudo_label_accuracy) = if labelled {
-        let b = to_f64(&candle_nn::ops::softmax(b_logits.as_tensor(), 0)?)?;
+        let b = x.label_map();
         let b = if learn_b {
             b
         } else {
@@ -819,7 +693,7 @@ pub fn relatedness(
         // Pseudo-labels: the transformed classifier's prediction at each target point.
         let pseudo: Vec<usize> = te
             .iter()
-            .map(|&i| argmax(&head.probabilities(&back_transform(&t.z[i * d..(i + 1) * d]))))
+            .map(|&i| argmax(&head.probabilities(&back_all[i * d..(i + 1) * d])))
             .collect();
         let mut map = vec![vec![0f64; r.k]; r.k];
         let mut sent = vec![0f64; r.k];
@@ -863,8 +737,7 @@ pub fn relatedness(
         (Some(labels), true) => {
             let (mut hits, mut loss) = (0usize, 0f64);
             for (i, &y) in labels.iter().enumerate() {
-                let z = &t.z[i * d..(i + 1) * d];
-                let p = head.probabilities(&back_transform(z));
+                let p = head.probabilities(&back_all[i * d..(i + 1) * d]);
                 let q: Vec<f64> = (0..t.k)
                     .map(|k| (0..r.k).map(|j| label_map[k][j] * p[j]).sum())
                     .collect();
@@ -915,13 +788,6 @@ pub fn relatedness(
             total: start.elapsed().as_secs_f64(),
         },
     })
-}
-
-fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?)
 }
 
 fn identity(rows: usize, cols: usize) -> Vec<Vec<f64>> {
@@ -1071,5 +937,428 @@ fn batch_plan(
             }
             Ok(plan)
         }
+    }
+}
+
+/// The learned variables: `A (d, d)`, `A' (d, d)` and `b (d)` in f32 (they enter matrix
+/// products), the logits of `B (K_T, K_R)` (column softmax) and of `D (K_R)` in f64.
+#[derive(Clone, Debug)]
+struct Transform {
+    d: usize,
+    a: Vec<f32>,
+    a_inv: Vec<f32>,
+    shift: Vec<f32>,
+    k_t: usize,
+    k_r: usize,
+    b_logits: Vec<f64>,
+    d_logits: Vec<f64>,
+}
+
+impl Transform {
+    /// `A = A' = I`, `b = 0`, B's logits `ln max(B, 1e-3)`, D's logits `ln p_R`.
+    fn identity(d: usize, b_init: &[Vec<f64>], prior: &[f64]) -> Self {
+        let eye: Vec<f32> = (0..d * d)
+            .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
+            .collect();
+        Self {
+            d,
+            a: eye.clone(),
+            a_inv: eye,
+            shift: vec![0.0; d],
+            k_t: b_init.len(),
+            k_r: prior.len(),
+            b_logits: b_init.iter().flatten().map(|&p| p.max(1e-3).ln()).collect(),
+            d_logits: prior.iter().map(|p| p.ln()).collect(),
+        }
+    }
+
+    /// `z A^T + b` for row-major `z (n, d)`.
+    fn apply(&self, z: &[f32], d: usize) -> Vec<f32> {
+        let n = z.len() / d;
+        let mut out = Vec::with_capacity(n * d);
+        for _ in 0..n {
+            out.extend_from_slice(&self.shift);
+        }
+        gemm(
+            &mut out,
+            View::new(z, n, d),
+            View::new(&self.a, d, d).t(),
+            1.0,
+            true,
+        );
+        out
+    }
+
+    /// `(z - b) A'^T` for row-major `z (n, d)`.
+    fn apply_inverse(&self, z: &[f32], d: usize) -> Vec<f32> {
+        let n = z.len() / d;
+        let centred: Vec<f32> = z
+            .chunks_exact(d)
+            .flat_map(|row| row.iter().zip(&self.shift).map(|(v, s)| v - s))
+            .collect();
+        let mut out = vec![0f32; n * d];
+        gemm(
+            &mut out,
+            View::new(&centred, n, d),
+            View::new(&self.a_inv, d, d).t(),
+            1.0,
+            false,
+        );
+        out
+    }
+
+    /// `B`, row-major `(K_T, K_R)`, each column a softmax of its logits.
+    fn label_map(&self) -> Vec<f64> {
+        let (kt, kr) = (self.k_t, self.k_r);
+        let mut b = vec![0f64; kt * kr];
+        for j in 0..kr {
+            let col = softmax(
+                &(0..kt)
+                    .map(|k| self.b_logits[k * kr + j])
+                    .collect::<Vec<_>>(),
+            );
+            for (k, v) in col.into_iter().enumerate() {
+                b[k * kr + j] = v;
+            }
+        }
+        b
+    }
+}
+
+/// The terms of the objective that use target labels.
+struct LabelTerms<'a> {
+    /// `Lbar_R,j`, mean cross-entropy of h_R per reference class.
+    class_loss: &'a [f64],
+    /// `p_T`.
+    target_prior: &'a [f64],
+    /// lambda.
+    label_weight: f64,
+}
+
+/// One iteration's batches and plan.
+struct Batch<'a> {
+    /// Reference batch `(n_r, d)`.
+    zr: &'a [f32],
+    /// `zr A^T + b`.
+    moved: &'a [f32],
+    /// Target batch `(n_t, d)`.
+    zt: &'a [f32],
+    /// Plan over batch positions.
+    plan: &'a Sparse,
+    /// Reference labels of the batch rows.
+    ref_labels: &'a [usize],
+    /// Target labels of the batch rows (all 0 when unlabelled).
+    target_labels: &'a [usize],
+}
+
+/// The objective's value and its gradient with respect to every variable.
+#[derive(Debug)]
+struct Gradient {
+    #[cfg_attr(not(test), allow(dead_code))]
+    value: f64,
+    a: Vec<f32>,
+    a_inv: Vec<f32>,
+    shift: Vec<f32>,
+    b_logits: Vec<f64>,
+    d_logits: Vec<f64>,
+}
+
+/// The step objective (module documentation) at `x` and its gradient, differentiated by hand
+/// (a test checks it against candle's autograd). With `r_p = A z_i + b - z'_l` for plan entry
+/// `p = (i, l, gamma_p)`, `E = A A' - I`, `E' = A' A - I`:
+///
+/// ```text
+/// d/dA  = 4 sum_p gamma_p r_p z_i^T + 2 E A'^T + 2 A'^T E'      d/db = 4 sum_p gamma_p r_p
+/// d/dA' = 2 A^T E + 2 E' A^T
+/// ```
+///
+/// and, with labels, the label cost, `H_D(B)`, the reference term and `||p_T - B D||^2`
+/// differentiated in `B` and `D`, then through the softmaxes to their logits.
+fn objective(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradient {
+    let d = x.d;
+    let n = batch.zr.len() / d;
+    // Feature cost: per reference row, u_i = sum_l gamma_il r_il.
+    let mut u = vec![0f32; n * d];
+    let mut feature = 0.0;
+    for &(i, l, gamma) in batch.plan {
+        let (mi, zl) = (
+            &batch.moved[i * d..(i + 1) * d],
+            &batch.zt[l * d..(l + 1) * d],
+        );
+        let ui = &mut u[i * d..(i + 1) * d];
+        let mut sq = 0f64;
+        for ((uo, &m), &z) in ui.iter_mut().zip(mi).zip(zl) {
+            let r = m - z;
+            sq += f64::from(r) * f64::from(r);
+            *uo += (gamma * f64::from(r)) as f32;
+        }
+        feature += gamma * sq;
+    }
+    let mut ga = vec![0f32; d * d];
+    gemm(
+        &mut ga,
+        View::new(&u, n, d).t(),
+        View::new(batch.zr, n, d),
+        4.0,
+        false,
+    );
+    let mut shift = vec![0f64; d];
+    for row in u.chunks_exact(d) {
+        for (s, &v) in shift.iter_mut().zip(row) {
+            *s += 4.0 * f64::from(v);
+        }
+    }
+    // ||A A' - I||^2 + ||A' A - I||^2.
+    let (a, ai) = (View::new(&x.a, d, d), View::new(&x.a_inv, d, d));
+    let mut e1 = vec![0f32; d * d];
+    let mut e2 = vec![0f32; d * d];
+    gemm(&mut e1, a, ai, 1.0, false);
+    gemm(&mut e2, ai, a, 1.0, false);
+    for o in 0..d {
+        e1[o * d + o] -= 1.0;
+        e2[o * d + o] -= 1.0;
+    }
+    let eye: f64 = e1
+        .iter()
+        .chain(&e2)
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    let (e1v, e2v) = (View::new(&e1, d, d), View::new(&e2, d, d));
+    gemm(&mut ga, e1v, ai.t(), 2.0, true);
+    gemm(&mut ga, ai.t(), e2v, 2.0, true);
+    let mut ga_inv = vec![0f32; d * d];
+    gemm(&mut ga_inv, a.t(), e1v, 2.0, false);
+    gemm(&mut ga_inv, e2v, a.t(), 2.0, true);
+    let mut value = 2.0 * feature + eye;
+    let (kt, kr) = (x.k_t, x.k_r);
+    let mut g_b_logits = vec![0f64; kt * kr];
+    let mut g_d_logits = vec![0f64; kr];
+    if let Some(terms) = labels {
+        let b = x.label_map();
+        let prior = softmax(&x.d_logits);
+        let lambda = terms.label_weight;
+        // Plan mass from reference class j to target class k.
+        let mut mass = vec![0f64; kr * kt];
+        for &(i, l, gamma) in batch.plan {
+            mass[batch.ref_labels[i] * kt + batch.target_labels[l]] += gamma;
+        }
+        let mut gb = vec![0f64; kt * kr];
+        let mut gd = vec![0f64; kr];
+        for j in 0..kr {
+            let sent: f64 = mass[j * kt..(j + 1) * kt].iter().sum();
+            let col_sq: f64 = (0..kt).map(|q| b[q * kr + j].powi(2)).sum();
+            let mut col_entropy = 0.0;
+            for k in 0..kt {
+                let bkj = b[k * kr + j];
+                // Label cost 2 lambda sum gamma ||B e_j - e_k||^2.
+                value += 2.0 * lambda * mass[j * kt + k] * (col_sq - 2.0 * bkj + 1.0);
+                gb[k * kr + j] += 4.0 * lambda * (bkj * sent - mass[j * kt + k]);
+                // -D_j B_kj ln clamp(B_kj, 1e-12, 1).
+                let clamped = bkj.clamp(1e-12, 1.0);
+                col_entropy += bkj * clamped.ln();
+                let inside = f64::from(u8::from((1e-12..=1.0).contains(&bkj)));
+                gb[k * kr + j] -= prior[j] * (clamped.ln() + inside);
+            }
+            value -= prior[j] * col_entropy;
+            gd[j] += terms.class_loss[j] - col_entropy;
+            value += prior[j] * terms.class_loss[j];
+        }
+        // ||p_T - B D||^2.
+        for k in 0..kt {
+            let gap =
+                terms.target_prior[k] - (0..kr).map(|j| b[k * kr + j] * prior[j]).sum::<f64>();
+            value += gap * gap;
+            for j in 0..kr {
+                gb[k * kr + j] -= 2.0 * gap * prior[j];
+                gd[j] -= 2.0 * gap * b[k * kr + j];
+            }
+        }
+        for j in 0..kr {
+            let col: Vec<f64> = (0..kt).map(|k| b[k * kr + j]).collect();
+            let grad: Vec<f64> = (0..kt).map(|k| gb[k * kr + j]).collect();
+            for (k, v) in softmax_backward(&col, &grad).into_iter().enumerate() {
+                g_b_logits[k * kr + j] = v;
+            }
+        }
+        g_d_logits = softmax_backward(&prior, &gd);
+    }
+    Gradient {
+        value,
+        a: ga,
+        a_inv: ga_inv,
+        shift: shift.into_iter().map(|v| v as f32).collect(),
+        b_logits: g_b_logits,
+        d_logits: g_d_logits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> f64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+        }
+    }
+
+    /// The step objective written with candle tensor operations (as the module documentation
+    /// states it), differentiated by autograd: value and gradients of A, A', b, B and D logits.
+    fn autograd(
+        x: &Transform,
+        batch: &Batch,
+        terms: &LabelTerms,
+    ) -> candle_core::Result<(f64, Vec<Vec<f32>>)> {
+        let dev = Device::Cpu;
+        let (d, kt, kr) = (x.d, x.k_t, x.k_r);
+        let n = batch.zr.len() / d;
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let a = Var::from_slice(&x.a, (d, d), &dev)?;
+        let ai = Var::from_slice(&x.a_inv, (d, d), &dev)?;
+        let s = Var::from_slice(&x.shift, d, &dev)?;
+        let bl = Var::from_vec(f32s(&x.b_logits), (kt, kr), &dev)?;
+        let dl = Var::from_vec(f32s(&x.d_logits), kr, &dev)?;
+        let zr = Tensor::from_slice(batch.zr, (n, d), &dev)?;
+        let zt = Tensor::from_slice(batch.zt, (batch.zt.len() / d, d), &dev)?;
+        let moved = zr
+            .matmul(&a.as_tensor().t()?)?
+            .broadcast_add(s.as_tensor())?;
+        let idx = |f: &dyn Fn(&(usize, usize, f64)) -> u32| {
+            Tensor::from_vec(
+                batch.plan.iter().map(f).collect::<Vec<u32>>(),
+                batch.plan.len(),
+                &dev,
+            )
+        };
+        let pi = idx(&|p| p.0 as u32)?;
+        let pl = idx(&|p| p.1 as u32)?;
+        let gamma = Tensor::from_vec(
+            batch.plan.iter().map(|p| p.2 as f32).collect::<Vec<f32>>(),
+            batch.plan.len(),
+            &dev,
+        )?;
+        let diff = (moved.index_select(&pi, 0)? - zt.index_select(&pl, 0)?)?;
+        let feature = (diff.sqr()?.sum(1)? * &gamma)?.sum_all()?;
+        let eye = Tensor::eye(d, candle_core::DType::F32, &dev)?;
+        let eye_loss = ((a.as_tensor().matmul(ai.as_tensor())? - &eye)?
+            .sqr()?
+            .sum_all()?
+            + (ai.as_tensor().matmul(a.as_tensor())? - &eye)?
+                .sqr()?
+                .sum_all()?)?;
+        let b = candle_nn::ops::softmax(bl.as_tensor(), 0)?;
+        let prior = candle_nn::ops::softmax(dl.as_tensor(), 0)?;
+        let ry = idx(&|p| batch.ref_labels[p.0] as u32)?;
+        let mut onehot = vec![0f32; batch.plan.len() * kt];
+        for (row, p) in batch.plan.iter().enumerate() {
+            onehot[row * kt + batch.target_labels[p.1]] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (batch.plan.len(), kt), &dev)?;
+        let by = b.t()?.contiguous()?.index_select(&ry, 0)?;
+        let label =
+            (((by - onehot)?.sqr()?.sum(1)? * &gamma)?.sum_all()? * (2.0 * terms.label_weight))?;
+        let entropy = ((b.clone() * b.clamp(1e-12, 1.0)?.log()?)?.sum(0)? * &prior)?
+            .sum_all()?
+            .neg()?;
+        let ref_term = (&prior * Tensor::from_vec(f32s(terms.class_loss), kr, &dev)?)?.sum_all()?;
+        let p_t = Tensor::from_vec(f32s(terms.target_prior), kt, &dev)?;
+        let prior_gap = (p_t - b.matmul(&prior.unsqueeze(1)?)?.squeeze(1)?)?
+            .sqr()?
+            .sum_all()?;
+        let objective = ((feature * 2.0)? + eye_loss + label + entropy + ref_term + prior_gap)?;
+        let grads = objective.backward()?;
+        let mut out = Vec::new();
+        for v in [&a, &ai, &s, &bl, &dl] {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+            out.push(g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((f64::from(objective.to_scalar::<f32>()?), out))
+    }
+
+    #[test]
+    fn hand_written_step_gradient_matches_candle_autograd() -> candle_core::Result<()> {
+        let (d, kt, kr, nr, nt) = (6, 3, 4, 9, 7);
+        let mut rng = Lcg(11);
+        let mut x = Transform::identity(
+            d,
+            &(0..kt)
+                .map(|_| (0..kr).map(|_| 0.5 + 0.4 * rng.next()).collect())
+                .collect::<Vec<_>>(),
+            &(0..kr).map(|j| 0.1 + 0.1 * j as f64).collect::<Vec<_>>(),
+        );
+        for v in x.a.iter_mut().chain(&mut x.a_inv) {
+            *v += (0.3 * rng.next()) as f32;
+        }
+        for v in &mut x.shift {
+            *v = (0.5 * rng.next()) as f32;
+        }
+        let zr: Vec<f32> = (0..nr * d).map(|_| rng.next() as f32).collect();
+        let zt: Vec<f32> = (0..nt * d).map(|_| rng.next() as f32).collect();
+        let moved = x.apply(&zr, d);
+        // A plan with repeated rows and columns, masses summing to one.
+        let plan: Sparse = (0..12)
+            .map(|p| (p * 5 % nr, p * 3 % nt, (1.0 + (p % 4) as f64) / 30.0))
+            .collect();
+        let ref_labels: Vec<usize> = (0..nr).map(|i| i % kr).collect();
+        let target_labels: Vec<usize> = (0..nt).map(|l| (l * 2) % kt).collect();
+        let batch = Batch {
+            zr: &zr,
+            moved: &moved,
+            zt: &zt,
+            plan: &plan,
+            ref_labels: &ref_labels,
+            target_labels: &target_labels,
+        };
+        let terms = LabelTerms {
+            class_loss: &[0.3, 1.2, 0.05, 0.7],
+            target_prior: &[0.5, 0.2, 0.3],
+            label_weight: 3.0,
+        };
+        let hand = objective(&x, &batch, Some(&terms));
+        let (value, grads) = autograd(&x, &batch, &terms)?;
+        assert!(
+            (hand.value - value).abs() < 1e-4 * value.abs(),
+            "{} vs {value}",
+            hand.value
+        );
+        let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let named = [
+            ("A", &wide(&hand.a)),
+            ("A'", &wide(&hand.a_inv)),
+            ("b", &wide(&hand.shift)),
+            ("B logits", &hand.b_logits),
+            ("D logits", &hand.d_logits),
+        ];
+        for ((name, h), a) in named.iter().zip(&grads) {
+            let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
+            assert!(scale > 1e-3, "{name}: gradient vanishes");
+            for (p, q) in h.iter().zip(a) {
+                assert!(
+                    (p - f64::from(*q)).abs() < 1e-4 * f64::from(scale),
+                    "{name}: {p} vs {q}"
+                );
+            }
+        }
+        // Without labels only the feature and inverse terms remain.
+        let plain = objective(&x, &batch, None);
+        assert!(
+            plain
+                .b_logits
+                .iter()
+                .chain(&plain.d_logits)
+                .all(|&g| g == 0.0)
+        );
+        assert!(plain.value < hand.value);
+        Ok(())
     }
 }

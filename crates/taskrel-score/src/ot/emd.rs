@@ -8,7 +8,8 @@
 //! The basis is a spanning tree of the `n + m` nodes (sources `0..n`, sinks `n..n+m`), stored
 //! as parent pointers with depths, children lists, the flow of each tree edge at its child, and
 //! node potentials `u` (sources) and `v` (sinks) with `C_ij = u_i + v_j` on tree edges. The
-//! start is the north-west-corner staircase (a spanning tree by construction). Entering arcs
+//! start is the north-west-corner staircase (a spanning tree by construction) with the sinks
+//! ordered by a greedy nearest-neighbour matching. Entering arcs
 //! are priced by block search (blocks of about `sqrt(n m)` arcs scanned cyclically, the most
 //! negative reduced cost of the first block that has one enters), the cycle is found by
 //! walking both ends up to their common ancestor, and the detached subtree is re-rooted at the
@@ -108,6 +109,10 @@ struct Simplex<'c> {
     pot: Vec<f64>,
     pivots: usize,
     eps: f64,
+    // Scratch space of `pivot`, kept between pivots.
+    up_snk: Vec<usize>,
+    up_src: Vec<usize>,
+    stack: Vec<usize>,
 }
 
 const NONE: usize = usize::MAX;
@@ -129,6 +134,9 @@ impl<'c> Simplex<'c> {
             pot: vec![0.0; n + m],
             pivots: 0,
             eps: scale * 1e-12,
+            up_snk: Vec::new(),
+            up_src: Vec::new(),
+            stack: Vec::new(),
         }
     }
 
@@ -142,26 +150,48 @@ impl<'c> Simplex<'c> {
         self.cost[i * self.m + j]
     }
 
+    /// The starting basis: the north-west-corner staircase over the sources in their order and
+    /// the sinks in greedy nearest-neighbour order (each source in turn takes the cheapest sink
+    /// not yet taken; sinks left over follow). Any order gives a feasible spanning tree; this
+    /// one starts near a good matching, which saves pivots.
     fn north_west_corner(&mut self, a: &[f64], b: &[f64]) {
         let (n, m) = (self.n, self.m);
+        let mut taken = vec![false; m];
+        let mut order = Vec::with_capacity(m);
+        for i in 0..n.min(m) {
+            let row = &self.cost[i * m..(i + 1) * m];
+            let mut best = (f64::INFINITY, NONE);
+            for (j, &c) in row.iter().enumerate() {
+                if !taken[j] && c < best.0 {
+                    best = (c, j);
+                }
+            }
+            if best.1 == NONE {
+                break;
+            }
+            taken[best.1] = true;
+            order.push(best.1);
+        }
+        order.extend((0..m).filter(|&j| !taken[j]));
         let mut adjacency: Vec<Vec<(usize, f64)>> = vec![Vec::new(); n + m];
-        let (mut i, mut j) = (0, 0);
-        let (mut ra, mut rb) = (a[0], b[0]);
+        let (mut i, mut q) = (0, 0);
+        let (mut ra, mut rb) = (a[0], b[order[0]]);
         loop {
+            let j = order[q];
             let x = ra.min(rb).max(0.0);
             adjacency[i].push((n + j, x));
             adjacency[n + j].push((i, x));
             ra -= x;
             rb -= x;
-            if i == n - 1 && j == m - 1 {
+            if i == n - 1 && q == m - 1 {
                 break;
             }
-            if j == m - 1 || (i < n - 1 && ra <= rb) {
+            if q == m - 1 || (i < n - 1 && ra <= rb) {
                 i += 1;
                 ra = a[i];
             } else {
-                j += 1;
-                rb = b[j];
+                q += 1;
+                rb = b[order[q]];
             }
         }
         // Root the staircase at source 0.
@@ -181,32 +211,37 @@ impl<'c> Simplex<'c> {
         }
     }
 
-    fn reduced(&self, i: usize, j: usize) -> f64 {
-        self.cost[i * self.m + j] - self.pot[i] - self.pot[self.n + j]
-    }
-
     fn solve(&mut self) {
-        let arcs = self.n * self.m;
+        let (n, m) = (self.n, self.m);
+        let arcs = n * m;
         let block = ((arcs as f64).sqrt().ceil() as usize).max(10).min(arcs);
-        let mut next = 0usize;
+        // The next arc to price, as its (row, column); a block is scanned as runs of
+        // consecutive arcs within one row.
+        let (mut row, mut col) = (0usize, 0usize);
         loop {
             // Block search for an entering arc.
+            let (u, v) = self.pot.split_at(n);
             let mut best = (-self.eps, NONE);
             let mut scanned = 0;
             while scanned < arcs {
                 let end = (scanned + block).min(arcs);
-                for _ in scanned..end {
-                    let (i, j) = (next / self.m, next % self.m);
-                    let rc = self.reduced(i, j);
-                    if rc < best.0 {
-                        best = (rc, next);
+                while scanned < end {
+                    let run = (end - scanned).min(m - col);
+                    let costs = &self.cost[row * m + col..row * m + col + run];
+                    let ui = u[row];
+                    for (q, (&c, &vj)) in costs.iter().zip(&v[col..col + run]).enumerate() {
+                        let rc = c - ui - vj;
+                        if rc < best.0 {
+                            best = (rc, row * m + col + q);
+                        }
                     }
-                    next += 1;
-                    if next == arcs {
-                        next = 0;
+                    scanned += run;
+                    col += run;
+                    if col == m {
+                        col = 0;
+                        row = if row + 1 == n { 0 } else { row + 1 };
                     }
                 }
-                scanned = end;
                 if best.1 != NONE {
                     break;
                 }
@@ -214,8 +249,8 @@ impl<'c> Simplex<'c> {
             if best.1 == NONE {
                 return;
             }
-            let (i, j) = (best.1 / self.m, best.1 % self.m);
-            self.pivot(i, self.n + j, best.0);
+            let (i, j) = (best.1 / m, best.1 % m);
+            self.pivot(i, n + j, best.0);
         }
     }
 
@@ -226,8 +261,10 @@ impl<'c> Simplex<'c> {
         // child is a sink is traversed against its direction (flow down); going down to src,
         // an edge whose child is a source is traversed against its direction.
         let (mut x, mut y) = (snk, src);
-        let mut up_snk: Vec<usize> = Vec::new();
-        let mut up_src: Vec<usize> = Vec::new();
+        let mut up_snk = std::mem::take(&mut self.up_snk);
+        let mut up_src = std::mem::take(&mut self.up_src);
+        up_snk.clear();
+        up_src.clear();
         while x != y {
             if self.depth[x] >= self.depth[y] {
                 up_snk.push(x);
@@ -272,7 +309,7 @@ impl<'c> Simplex<'c> {
             .iter()
             .position(|&c| c == leave)
             .unwrap_or(path.len().saturating_sub(1));
-        let chain: Vec<usize> = path[..=stop].to_vec();
+        let chain = &path[..=stop];
         // Detach `leave` from its parent.
         let old_parent = self.parent[leave];
         if let Some(k) = self.children[old_parent].iter().position(|&c| c == leave) {
@@ -293,7 +330,9 @@ impl<'c> Simplex<'c> {
         self.children[new_parent].push(start);
         self.flow[start] = theta;
         // Potentials and depths of the moved subtree.
-        let mut stack = vec![start];
+        let mut stack = std::mem::take(&mut self.stack);
+        stack.clear();
+        stack.push(start);
         while let Some(v) = stack.pop() {
             self.depth[v] = self.depth[self.parent[v]] + 1;
             // Sources on the moved side gain rc when it is src's side, lose it otherwise.
@@ -304,6 +343,9 @@ impl<'c> Simplex<'c> {
             self.pot[v] += delta;
             stack.extend(self.children[v].iter().copied());
         }
+        self.stack = stack;
+        self.up_snk = up_snk;
+        self.up_src = up_src;
     }
 
     fn plan(&self) -> Plan {
