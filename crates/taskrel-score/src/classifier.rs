@@ -96,6 +96,56 @@ pub(crate) fn head_objective(
     c: &[f64],
     cfg: &HeadConfig,
 ) -> HeadGradient {
+    pulp::Arch::new().dispatch(HeadObjective {
+        z,
+        d,
+        labels,
+        k,
+        w,
+        c,
+        cfg,
+    })
+}
+
+struct HeadObjective<'a> {
+    z: &'a [f32],
+    d: usize,
+    labels: &'a [u32],
+    k: usize,
+    w: &'a [f32],
+    c: &'a [f64],
+    cfg: &'a HeadConfig,
+}
+
+impl pulp::NullaryFnOnce for HeadObjective<'_> {
+    type Output = HeadGradient;
+
+    // Inlined into the dispatcher's target-feature context, where the row loops vectorise.
+    #[inline(always)]
+    fn call(self) -> HeadGradient {
+        let Self {
+            z,
+            d,
+            labels,
+            k,
+            w,
+            c,
+            cfg,
+        } = self;
+        head_objective_body(z, d, labels, k, w, c, cfg)
+    }
+}
+
+#[inline(always)]
+fn head_objective_body(
+    z: &[f32],
+    d: usize,
+    labels: &[u32],
+    k: usize,
+    w: &[f32],
+    c: &[f64],
+    cfg: &HeadConfig,
+) -> HeadGradient {
     let n = labels.len();
     let nf = n as f64;
     let mut logits = vec![0f32; n * k];

@@ -50,6 +50,21 @@ impl<'a> View<'a> {
 
 /// `out (rows, cols) = alpha * lhs rhs`, or `out += alpha * lhs rhs` when `accumulate`.
 pub(crate) fn gemm(out: &mut [f32], lhs: View, rhs: View, alpha: f32, accumulate: bool) {
+    let (m, k) = lhs.shape();
+    // Products under about a million multiply-adds are not worth waking the pool for.
+    let parallel = m * k * rhs.shape().1 >= 1 << 20;
+    gemm_on(out, lhs, rhs, alpha, accumulate, parallel);
+}
+
+/// [`gemm`] on the calling thread only, or on the whole pool.
+pub(crate) fn gemm_on(
+    out: &mut [f32],
+    lhs: View,
+    rhs: View,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
     let ((m, k), (k2, n)) = (lhs.shape(), rhs.shape());
     debug_assert_eq!(k, k2);
     debug_assert_eq!(out.len(), m * n);
@@ -59,12 +74,7 @@ pub(crate) fn gemm(out: &mut [f32], lhs: View, rhs: View, alpha: f32, accumulate
     } else {
         Accum::Replace
     };
-    // Products under about a million multiply-adds are not worth waking the pool for.
-    let par = if m * n * k < 1 << 20 {
-        Par::Seq
-    } else {
-        Par::rayon(0)
-    };
+    let par = if parallel { Par::rayon(0) } else { Par::Seq };
     matmul(dst, beta, lhs.faer(), rhs.faer(), alpha, par);
 }
 

@@ -63,7 +63,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{HeadConfig, train_head};
-use crate::dense::{Adam, View, gemm, softmax, softmax_backward};
+use crate::dense::{Adam, View, gemm, gemm_on, softmax, softmax_backward};
 use crate::features::FeatureSet;
 use crate::ot::{self, SinkhornConfig};
 use crate::{Error, Result};
@@ -1075,6 +1075,27 @@ struct Gradient {
 /// and, with labels, the label cost, `H_D(B)`, the reference term and `||p_T - B D||^2`
 /// differentiated in `B` and `D`, then through the softmaxes to their logits.
 fn objective(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradient {
+    pulp::Arch::new().dispatch(Objective { x, batch, labels })
+}
+
+struct Objective<'a> {
+    x: &'a Transform,
+    batch: &'a Batch<'a>,
+    labels: Option<&'a LabelTerms<'a>>,
+}
+
+impl pulp::NullaryFnOnce for Objective<'_> {
+    type Output = Gradient;
+
+    // Inlined into the dispatcher's target-feature context, where the plan loop vectorises.
+    #[inline(always)]
+    fn call(self) -> Gradient {
+        objective_body(self.x, self.batch, self.labels)
+    }
+}
+
+#[inline(always)]
+fn objective_body(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradient {
     let d = x.d;
     let n = batch.zr.len() / d;
     // Feature cost: per reference row, u_i = sum_l gamma_il r_il.
@@ -1094,26 +1115,28 @@ fn objective(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradi
         }
         feature += gamma * sq;
     }
-    let mut ga = vec![0f32; d * d];
-    gemm(
-        &mut ga,
-        View::new(&u, n, d).t(),
-        View::new(batch.zr, n, d),
-        4.0,
-        false,
-    );
     let mut shift = vec![0f64; d];
     for row in u.chunks_exact(d) {
         for (s, &v) in shift.iter_mut().zip(row) {
             *s += 4.0 * f64::from(v);
         }
     }
-    // ||A A' - I||^2 + ||A' A - I||^2.
+    // ||A A' - I||^2 + ||A' A - I||^2. The products run as two balanced pairs of independent
+    // halves, each half on one thread (fewer hand-overs than splitting every product).
     let (a, ai) = (View::new(&x.a, d, d), View::new(&x.a_inv, d, d));
+    let mut ga = vec![0f32; d * d];
     let mut e1 = vec![0f32; d * d];
     let mut e2 = vec![0f32; d * d];
-    gemm(&mut e1, a, ai, 1.0, false);
-    gemm(&mut e2, ai, a, 1.0, false);
+    rayon::join(
+        || {
+            let (u, zr) = (View::new(&u, n, d), View::new(batch.zr, n, d));
+            gemm_on(&mut ga, u.t(), zr, 4.0, false, false);
+        },
+        || {
+            gemm_on(&mut e1, a, ai, 1.0, false, false);
+            gemm_on(&mut e2, ai, a, 1.0, false, false);
+        },
+    );
     for o in 0..d {
         e1[o * d + o] -= 1.0;
         e2[o * d + o] -= 1.0;
@@ -1124,11 +1147,17 @@ fn objective(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradi
         .map(|&v| f64::from(v) * f64::from(v))
         .sum();
     let (e1v, e2v) = (View::new(&e1, d, d), View::new(&e2, d, d));
-    gemm(&mut ga, e1v, ai.t(), 2.0, true);
-    gemm(&mut ga, ai.t(), e2v, 2.0, true);
     let mut ga_inv = vec![0f32; d * d];
-    gemm(&mut ga_inv, a.t(), e1v, 2.0, false);
-    gemm(&mut ga_inv, e2v, a.t(), 2.0, true);
+    rayon::join(
+        || {
+            gemm_on(&mut ga, e1v, ai.t(), 2.0, true, false);
+            gemm_on(&mut ga, ai.t(), e2v, 2.0, true, false);
+        },
+        || {
+            gemm_on(&mut ga_inv, a.t(), e1v, 2.0, false, false);
+            gemm_on(&mut ga_inv, e2v, a.t(), 2.0, true, false);
+        },
+    );
     let mut value = 2.0 * feature + eye;
     let (kt, kr) = (x.k_t, x.k_r);
     let mut g_b_logits = vec![0f64; kt * kr];
