@@ -48,6 +48,15 @@
 //! class the same target class under `argmax`), so the label map is learned from where the
 //! features actually go.
 //!
+//! Computation: h_R and the step are differentiated by hand (the gradients are written out in
+//! `objective` here and in the classifier module; tests check both against candle's autograd)
+//! and run on the host in plain Rust: faer's matrix products for the `d x d` and batch
+//! products, Adam in the parameters' precision, loops compiled for the CPU's vector width at
+//! run time (no sum is reordered, so the numbers do not depend on that width). At these sizes
+//! (`d` in the hundreds, batches of 500) a tensor framework's per-operation cost dominated.
+//! The device argument runs the Sinkhorn solver; with `emd` and `block_emd` a report does not
+//! depend on the device.
+//!
 //! Label-free mode (target labels absent or ignored): `A`, `b`, `A'` are learned with
 //! feature-only plans; `W` is the feature-only 1-Wasserstein distance; each target point gets
 //! the transformed classifier's prediction as pseudo-label, and `B` is estimated from the final
