@@ -6,7 +6,7 @@
 //! form `grad_z CE(z, y) = W^T (softmax(W z + c) - onehot(y))`, so the penalty
 //! `mean_i relu(||grad_z CE_i|| - tau)^2` is an ordinary function of `W, c` and needs no
 //! double back-propagation. Training: full-batch Adam from zero weights, with the gradient
-//! written out by hand (`head_objective`; a test checks it against candle's autograd).
+//! written out by hand (`HeadObjective`; a test checks it against candle's autograd).
 
 use crate::dense::{Adam, View, gemm};
 use crate::{Error, Result};
@@ -59,7 +59,16 @@ pub fn train_head(
     let mut c = vec![0f64; k];
     let (mut opt_w, mut opt_c) = (Adam::new(k * d, cfg.lr), Adam::new(k, cfg.lr));
     for _ in 0..cfg.steps {
-        let g = head_objective(z, d, labels, k, &w, &c, cfg);
+        let g = HeadObjective {
+            z,
+            d,
+            labels,
+            k,
+            w: &w,
+            c: &c,
+            cfg,
+        }
+        .evaluate();
         opt_w.step(&mut w, &g.weight);
         opt_c.step(&mut c, &g.bias);
     }
@@ -87,34 +96,28 @@ pub(crate) struct HeadGradient {
 /// directly through `W^T` (giving `s_i r_i g_i^T`) and through the softmax (giving
 /// `s_i J_i W g_i` on the logits, `J_i = diag(p_i) - p_i p_i^T`), where
 /// `s_i = 2 penalty relu(||g_i|| - tau) / (n ||g_i||)`.
-pub(crate) fn head_objective(
-    z: &[f32],
-    d: usize,
-    labels: &[u32],
-    k: usize,
-    w: &[f32],
-    c: &[f64],
-    cfg: &HeadConfig,
-) -> HeadGradient {
-    pulp::Arch::new().dispatch(HeadObjective {
-        z,
-        d,
-        labels,
-        k,
-        w,
-        c,
-        cfg,
-    })
+pub(crate) struct HeadObjective<'a> {
+    /// Row-major `(n, d)` features.
+    pub(crate) z: &'a [f32],
+    /// Feature dimension.
+    pub(crate) d: usize,
+    /// `n` labels in `0..k`.
+    pub(crate) labels: &'a [u32],
+    /// Classes.
+    pub(crate) k: usize,
+    /// Row-major `(k, d)` weights.
+    pub(crate) w: &'a [f32],
+    /// `(k)` biases.
+    pub(crate) c: &'a [f64],
+    /// Penalty settings.
+    pub(crate) cfg: &'a HeadConfig,
 }
 
-struct HeadObjective<'a> {
-    z: &'a [f32],
-    d: usize,
-    labels: &'a [u32],
-    k: usize,
-    w: &'a [f32],
-    c: &'a [f64],
-    cfg: &'a HeadConfig,
+impl HeadObjective<'_> {
+    /// The objective and its gradient, compiled for the CPU's vector width.
+    pub(crate) fn evaluate(self) -> HeadGradient {
+        pulp::Arch::new().dispatch(self)
+    }
 }
 
 impl pulp::NullaryFnOnce for HeadObjective<'_> {
@@ -132,102 +135,90 @@ impl pulp::NullaryFnOnce for HeadObjective<'_> {
             c,
             cfg,
         } = self;
-        head_objective_body(z, d, labels, k, w, c, cfg)
-    }
-}
-
-#[inline(always)]
-fn head_objective_body(
-    z: &[f32],
-    d: usize,
-    labels: &[u32],
-    k: usize,
-    w: &[f32],
-    c: &[f64],
-    cfg: &HeadConfig,
-) -> HeadGradient {
-    let n = labels.len();
-    let nf = n as f64;
-    let mut logits = vec![0f32; n * k];
-    gemm(
-        &mut logits,
-        View::new(z, n, d),
-        View::new(w, k, d).t(),
-        1.0,
-        false,
-    );
-    // r = p - onehot(y), kept as f32 for the products, p in f64 for the rest.
-    let mut p = vec![0f64; n * k];
-    let mut r = vec![0f32; n * k];
-    let mut ce = 0.0;
-    for i in 0..n {
-        let row = &mut p[i * k..(i + 1) * k];
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = f64::from(logits[i * k + j]) + c[j];
+        let n = labels.len();
+        let nf = n as f64;
+        let mut logits = vec![0f32; n * k];
+        gemm(
+            &mut logits,
+            View::new(z, n, d),
+            View::new(w, k, d).t(),
+            1.0,
+            false,
+        );
+        // r = p - onehot(y), kept as f32 for the products, p in f64 for the rest.
+        let mut p = vec![0f64; n * k];
+        let mut r = vec![0f32; n * k];
+        let mut ce = 0.0;
+        for i in 0..n {
+            let row = &mut p[i * k..(i + 1) * k];
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = f64::from(logits[i * k + j]) + c[j];
+            }
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = row.iter().map(|v| (v - max).exp()).sum();
+            let y = labels[i] as usize;
+            ce -= row[y] - max - total.ln();
+            for v in row.iter_mut() {
+                *v = (*v - max).exp() / total;
+            }
+            for j in 0..k {
+                r[i * k + j] = (row[j] - f64::from(u8::from(j == y))) as f32;
+            }
         }
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let total: f64 = row.iter().map(|v| (v - max).exp()).sum();
-        let y = labels[i] as usize;
-        ce -= row[y] - max - total.ln();
-        for v in row.iter_mut() {
-            *v = (*v - max).exp() / total;
+        let mut g = vec![0f32; n * d];
+        gemm(&mut g, View::new(&r, n, k), View::new(w, k, d), 1.0, false);
+        let mut v = vec![0f32; n * k];
+        gemm(
+            &mut v,
+            View::new(&g, n, d),
+            View::new(w, k, d).t(),
+            1.0,
+            false,
+        );
+        let mut penalty = 0.0;
+        let mut dlogits = vec![0f32; n * k];
+        let mut scaled_r = vec![0f32; n * k];
+        for i in 0..n {
+            let gi = &g[i * d..(i + 1) * d];
+            let norm =
+                (gi.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() + 1e-12).sqrt();
+            let excess = (norm - cfg.tau).max(0.0);
+            penalty += excess * excess;
+            let s = 2.0 * cfg.penalty * excess / (nf * norm);
+            let (pi, vi) = (&p[i * k..(i + 1) * k], &v[i * k..(i + 1) * k]);
+            let pv: f64 = pi.iter().zip(vi).map(|(a, b)| a * f64::from(*b)).sum();
+            for j in 0..k {
+                let ri = f64::from(r[i * k + j]);
+                dlogits[i * k + j] = (ri / nf + s * pi[j] * (f64::from(vi[j]) - pv)) as f32;
+                scaled_r[i * k + j] = (s * ri) as f32;
+            }
         }
-        for j in 0..k {
-            r[i * k + j] = (row[j] - f64::from(u8::from(j == y))) as f32;
+        let mut gw = vec![0f32; k * d];
+        gemm(
+            &mut gw,
+            View::new(&dlogits, n, k).t(),
+            View::new(z, n, d),
+            1.0,
+            false,
+        );
+        gemm(
+            &mut gw,
+            View::new(&scaled_r, n, k).t(),
+            View::new(&g, n, d),
+            1.0,
+            true,
+        );
+        let mut gc = vec![0f64; k];
+        for i in 0..n {
+            for j in 0..k {
+                gc[j] += f64::from(dlogits[i * k + j]);
+            }
         }
-    }
-    let mut g = vec![0f32; n * d];
-    gemm(&mut g, View::new(&r, n, k), View::new(w, k, d), 1.0, false);
-    let mut v = vec![0f32; n * k];
-    gemm(
-        &mut v,
-        View::new(&g, n, d),
-        View::new(w, k, d).t(),
-        1.0,
-        false,
-    );
-    let mut penalty = 0.0;
-    let mut dlogits = vec![0f32; n * k];
-    let mut scaled_r = vec![0f32; n * k];
-    for i in 0..n {
-        let gi = &g[i * d..(i + 1) * d];
-        let norm = (gi.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() + 1e-12).sqrt();
-        let excess = (norm - cfg.tau).max(0.0);
-        penalty += excess * excess;
-        let s = 2.0 * cfg.penalty * excess / (nf * norm);
-        let (pi, vi) = (&p[i * k..(i + 1) * k], &v[i * k..(i + 1) * k]);
-        let pv: f64 = pi.iter().zip(vi).map(|(a, b)| a * f64::from(*b)).sum();
-        for j in 0..k {
-            let ri = f64::from(r[i * k + j]);
-            dlogits[i * k + j] = (ri / nf + s * pi[j] * (f64::from(vi[j]) - pv)) as f32;
-            scaled_r[i * k + j] = (s * ri) as f32;
+        HeadGradient {
+            loss: ce / nf + cfg.penalty * penalty / nf,
+            weight: gw,
+            bias: gc,
         }
-    }
-    let mut gw = vec![0f32; k * d];
-    gemm(
-        &mut gw,
-        View::new(&dlogits, n, k).t(),
-        View::new(z, n, d),
-        1.0,
-        false,
-    );
-    gemm(
-        &mut gw,
-        View::new(&scaled_r, n, k).t(),
-        View::new(&g, n, d),
-        1.0,
-        true,
-    );
-    let mut gc = vec![0f64; k];
-    for i in 0..n {
-        for j in 0..k {
-            gc[j] += f64::from(dlogits[i * k + j]);
-        }
-    }
-    HeadGradient {
-        loss: ce / nf + cfg.penalty * penalty / nf,
-        weight: gw,
-        bias: gc,
     }
 }
 
@@ -318,13 +309,8 @@ mod tests {
     #[test]
     fn hand_written_gradient_matches_candle_autograd() -> candle_core::Result<()> {
         let (n, d, k) = (40, 6, 3);
-        let mut state = 7u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
-        };
+        let mut rng = crate::dense::Lcg(7);
+        let mut next = || rng.next();
         let z: Vec<f32> = (0..n * d).map(|_| next() as f32).collect();
         let labels: Vec<u32> = (0..n).map(|i| (i % k) as u32).collect();
         let w: Vec<f32> = (0..k * d).map(|_| (2.0 * next()) as f32).collect();
@@ -350,7 +336,16 @@ mod tests {
             })
             .collect();
         assert!(norms.iter().any(|&v| v > cfg.tau) && norms.iter().any(|&v| v < cfg.tau));
-        let hand = head_objective(&z, d, &labels, k, &w, &c, &cfg);
+        let hand = HeadObjective {
+            z: &z,
+            d,
+            labels: &labels,
+            k,
+            w: &w,
+            c: &c,
+            cfg: &cfg,
+        }
+        .evaluate();
         let (loss, gw, gc) = autograd(&z, d, &labels, k, &w, &c, &cfg)?;
         assert!(
             (hand.loss - loss).abs() < 1e-4 * loss.abs().max(1.0),

@@ -1236,18 +1236,6 @@ mod tests {
 
     use super::*;
 
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self) -> f64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
-        }
-    }
-
     /// The step objective written with candle tensor operations (as the module documentation
     /// states it), differentiated by autograd: value and gradients of A, A', b, B and D logits.
     fn autograd(
@@ -1326,7 +1314,7 @@ mod tests {
     #[test]
     fn hand_written_step_gradient_matches_candle_autograd() -> candle_core::Result<()> {
         let (d, kt, kr, nr, nt) = (6, 3, 4, 9, 7);
-        let mut rng = Lcg(11);
+        let mut rng = crate::dense::Lcg(11);
         let mut x = Transform::identity(
             d,
             &(0..kt)
