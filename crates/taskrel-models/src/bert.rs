@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::kernels::{AttentionProbs, DropoutMask, GeluErf};
+use crate::kernels::{AttentionProbs, DropoutMask, GELU_ERF};
 use crate::model::dropout;
 
 /// The fields of a Hugging Face BERT `config.json` this encoder uses (others are ignored).
@@ -135,11 +135,11 @@ impl Activation {
         }
     }
 
-    /// The activation; when training on the CPU, exact GELU runs as [`GeluErf`] (the same
+    /// The activation; when training on the CPU, exact GELU runs as [`GELU_ERF`] (the same
     /// values as candle's `gelu_erf` and its backward pass, in one parallel pass each).
     fn apply(self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match self {
-            Self::GeluErf if train && on_cpu_f32(x) => x.contiguous()?.apply_op1(GeluErf)?,
+            Self::GeluErf if train && on_cpu_f32(x) => x.contiguous()?.apply_op1(GELU_ERF)?,
             Self::GeluErf => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
             Self::Relu => x.relu()?,

@@ -199,7 +199,7 @@ impl Cnn {
             x = match layer {
                 Layer::Conv(c, padding) => conv_unfold(&x, c, *padding)?,
                 Layer::Norm(n) => n.forward_t(&x, train.is_some())?,
-                Layer::Relu if on_cpu_f32(&x) => x.contiguous()?.apply_op1(crate::kernels::Relu)?,
+                Layer::Relu if on_cpu_f32(&x) => x.contiguous()?.apply_op1(crate::kernels::RELU)?,
                 Layer::Relu => x.relu()?,
                 Layer::MaxPool2 if on_cpu_f32(&x) => {
                     x.contiguous()?.apply_op1(crate::kernels::MaxPool2)?

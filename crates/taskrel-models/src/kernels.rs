@@ -523,15 +523,24 @@ impl CustomOp3 for AttentionProbsBackward {
     }
 }
 
-/// GELU with the exact error function, `x/2 (1 + erf(x / sqrt 2))`, in parallel, with a
-/// one-pass backward kernel. Both compute what candle's `gelu_erf` and its backward pass
-/// compute, operation for operation, so results are bit-identical to the tensor-op version.
+/// An element-wise function `f` in one parallel pass, whose backward pass is one parallel
+/// pass of `grad(x, g)` (input and incoming gradient).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct GeluErf;
+pub(crate) struct Pointwise {
+    name: &'static str,
+    f: fn(f32) -> f32,
+    grad: PointwiseGrad,
+}
 
-impl CustomOp1 for GeluErf {
+#[derive(Clone, Copy, Debug)]
+struct PointwiseGrad {
+    name: &'static str,
+    f: fn(f32, f32) -> f32,
+}
+
+impl CustomOp1 for Pointwise {
     fn name(&self) -> &'static str {
-        "taskrel-gelu-erf"
+        self.name
     }
 
     fn cpu_fwd(
@@ -539,10 +548,7 @@ impl CustomOp1 for GeluErf {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::cpu::erf::erf_f32;
-        map1(self.name(), (storage, layout), |v| {
-            (erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
-        })
+        map1(self.name, (storage, layout), self.f)
     }
 
     fn bwd(
@@ -551,20 +557,15 @@ impl CustomOp1 for GeluErf {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &GeluErfBackward,
-        )?))
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &self.grad)?,
+        ))
     }
 }
 
-/// `g * (0.5 + 0.398942 x exp(-x^2 / 2) + 0.5 erf(x / sqrt 2))` in the order of candle's
-/// `gelu_erf` backward pass (each scalar affine step as candle's `affine`, `v * mul + add`).
-struct GeluErfBackward;
-
-impl CustomOp2 for GeluErfBackward {
+impl CustomOp2 for PointwiseGrad {
     fn name(&self) -> &'static str {
-        "taskrel-gelu-erf-backward"
+        self.name
     }
 
     fn cpu_fwd(
@@ -574,18 +575,45 @@ impl CustomOp2 for GeluErfBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::cpu::erf::erf_f32;
-        let half = 0.5f64 as f32;
-        let coef = 0.398942f64 as f32;
-        let inv_sqrt2 = (1. / 2f64.sqrt()) as f32;
-        map2(self.name(), (s1, l1), (s2, l2), |a, gv| {
-            let neg_half_square = -(a * a) * half + 0.0;
-            let scaled_exp_arg = (neg_half_square.exp() * coef + 0.0) * a;
-            let erf_scaled = erf_f32(a * inv_sqrt2 + 0.0) * half + 0.0;
-            gv * ((scaled_exp_arg * 1.0 + half) + erf_scaled)
-        })
+        map2(self.name, (s1, l1), (s2, l2), self.f)
     }
 }
+
+/// GELU with the exact error function, `x/2 (1 + erf(x / sqrt 2))`. Forward and backward
+/// compute what candle's `gelu_erf` and its backward pass compute, operation for operation, so
+/// results are bit-identical to the tensor-op version.
+pub(crate) const GELU_ERF: Pointwise = Pointwise {
+    name: "taskrel-gelu-erf",
+    f: |v| (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v,
+    grad: PointwiseGrad {
+        name: "taskrel-gelu-erf-backward",
+        f: gelu_erf_grad,
+    },
+};
+
+/// `g * (0.5 + 0.398942 x exp(-x^2 / 2) + 0.5 erf(x / sqrt 2))` in the order of candle's
+/// `gelu_erf` backward pass (each scalar affine step as candle's `affine`, `v * mul + add`).
+fn gelu_erf_grad(a: f32, gv: f32) -> f32 {
+    use candle_core::cpu::erf::erf_f32;
+    let half = 0.5f64 as f32;
+    let coef = 0.398942f64 as f32;
+    let inv_sqrt2 = (1. / 2f64.sqrt()) as f32;
+    let neg_half_square = -(a * a) * half + 0.0;
+    let scaled_exp_arg = (neg_half_square.exp() * coef + 0.0) * a;
+    let erf_scaled = erf_f32(a * inv_sqrt2 + 0.0) * half + 0.0;
+    gv * ((scaled_exp_arg * 1.0 + half) + erf_scaled)
+}
+
+/// ReLU; the backward pass lets the gradient through where `x >= 0` (as candle's `relu`
+/// backward does, 0 included).
+pub(crate) const RELU: Pointwise = Pointwise {
+    name: "taskrel-relu",
+    f: |v| v.max(0.0),
+    grad: PointwiseGrad {
+        name: "taskrel-relu-backward",
+        f: |v, gv| gv * if v >= 0.0 { 1.0 } else { 0.0 },
+    },
+};
 
 /// The patches of a stride-1 `k x k` convolution, `(b, c, h, w) -> (b, oh * ow * c * k * k)`:
 /// position `(r, q, ch, i, j)` of image `n`'s row holds pixel `(ch, r + i, q + j)`, so one
@@ -705,57 +733,6 @@ impl CustomOp1 for Fold {
             .zip(grad.par_chunks(cols))
             .for_each(|(out, g_row)| self.unfold.for_each(g, |p, px| out[px] += g_row[p]));
         Ok((CpuStorage::F32(dx), shape))
-    }
-}
-
-/// ReLU in one parallel pass; the backward pass lets the gradient through where `x >= 0`
-/// (as candle's `relu` backward does, 0 included).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Relu;
-
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "taskrel-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        map1(self.name(), (storage, layout), |v| v.max(0.0))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &ReluBackward,
-        )?))
-    }
-}
-
-struct ReluBackward;
-
-impl CustomOp2 for ReluBackward {
-    fn name(&self) -> &'static str {
-        "taskrel-relu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        map2(self.name(), (s1, l1), (s2, l2), |v, gv| {
-            gv * if v >= 0.0 { 1.0 } else { 0.0 }
-        })
     }
 }
 
@@ -1006,7 +983,7 @@ mod tests {
         // Exact GELU against candle's gelu_erf, values and gradients.
         let x = Var::from_tensor(&input(7, 9, 2.5)).unwrap();
         let w = input(7, 9, 1.0);
-        let fused = x.apply_op1(super::GeluErf).unwrap();
+        let fused = x.apply_op1(super::GELU_ERF).unwrap();
         let ops = x.gelu_erf().unwrap();
         assert!(same_bits(&fused, &ops));
         let (g1, g2) = grads_of(&x, &w, &fused, &ops);
@@ -1034,7 +1011,7 @@ mod tests {
         assert!(same_bits(&g1, &g2));
 
         // ReLU and 2x2 max pooling (odd width; ties from the ReLU's zeros) against tensor ops.
-        let relu_fused = x.apply_op1(super::Relu).unwrap();
+        let relu_fused = x.apply_op1(super::RELU).unwrap();
         let relu_ops = x.relu().unwrap();
         assert!(same_bits(&relu_fused, &relu_ops));
         let pool_fused = relu_fused.apply_op1(super::MaxPool2).unwrap();
