@@ -22,6 +22,7 @@ mod error;
 mod init;
 mod kernels;
 mod model;
+mod optim;
 pub mod preprocess;
 mod reference;
 mod spec;

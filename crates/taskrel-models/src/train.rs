@@ -9,14 +9,14 @@
 //! - `fine_tune` with [`Mode::Full`]: a new head, then all weights trained end to end, with
 //!   BatchNorm in training mode.
 //!
-//! Batches are drawn in a seeded order each epoch; optimisers are AdamW (candle's) or SGD with
+//! Batches are drawn in a seeded order each epoch; optimisers are AdamW (candle-nn's update,
+//! fused into in-place passes on the CPU: [`crate::optim`]) or SGD with
 //! momentum (PyTorch's formulation: `v = mu v + g + wd w`, `w -= lr v`), with a constant or
 //! cosine learning-rate schedule.
 
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -26,6 +26,7 @@ use taskrel_data::Dataset;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::optim::{AdamW, AdamWParams};
 
 /// What fine-tuning updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -213,11 +214,7 @@ impl Optimizer {
         Ok(match cfg.optimizer {
             OptimizerKind::Adamw => Self::Adamw(AdamW::new(
                 vars,
-                ParamsAdamW {
-                    lr: cfg.lr,
-                    weight_decay: cfg.weight_decay,
-                    ..Default::default()
-                },
+                AdamWParams::new(cfg.lr, cfg.weight_decay),
             )?),
             OptimizerKind::Sgd => Self::Sgd(Sgd {
                 vars: vars.into_iter().map(|v| (v, None)).collect(),
@@ -230,7 +227,7 @@ impl Optimizer {
 
     fn set_lr(&mut self, lr: f64) {
         match self {
-            Self::Adamw(o) => o.set_learning_rate(lr),
+            Self::Adamw(o) => o.params.lr = lr,
             Self::Sgd(o) => o.lr = lr,
         }
     }
