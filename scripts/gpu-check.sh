@@ -27,6 +27,7 @@ case "${1:-}" in
     for dev in cpu cuda; do
       $T eval --model $D/models/ccexam/mnist.pth --dataset mnist --data-root $D --device $dev --quiet --json > "$OUT/eval_mnist_$dev.json"
       $T train --dataset mnist --data-root $D --per-class 1000 --batch-size 32 --device $dev --quiet --json > "$OUT/train_lenet_$dev.json"
+      $T bench train --model lenet200 --batch-size 128 --steps 20 --data-root $D --device $dev --json > "$OUT/bench_train_lenet_$dev.json"
       $T features --model $D/models/ccexam/mnist.pth --dataset mnist --data-root $D --per-class 500 --device $dev --quiet --out "/tmp/ref_$dev.safetensors"
       $T features --model $D/models/ccexam/mnist.pth --dataset usps --data-root $D --per-class 500 --device $dev --quiet --out "/tmp/tgt_$dev.safetensors"
       for solver in block_emd sinkhorn; do

@@ -90,6 +90,7 @@ pub fn data(name: DatasetName, root: &Path, json: bool) -> anyhow::Result<()> {
 pub fn train_step(
     model_ref: &str,
     data_root: &Path,
+    device: &candle_core::Device,
     batch: usize,
     steps: usize,
     max_len: usize,
@@ -99,6 +100,7 @@ pub fn train_step(
     let reference: taskrel_models::ModelRef = model_ref.parse()?;
     let options = taskrel_models::LoadOptions {
         max_len,
+        device: device.clone(),
         ..Default::default()
     };
     let mut model = taskrel_models::load(&reference, &options)?;
@@ -144,6 +146,7 @@ pub fn train_step(
     let report = serde_json::json!({
         "model": model_ref, "batch": batch, "steps": steps, "max_len": max_len,
         "ms_per_step": ms, "samples_per_second": n as f64 / seconds, "peak_rss_mb": peak_rss_mb(),
+        "device": format!("{device:?}"),
         "threads": candle_core::utils::get_num_threads(),
     });
     if json {

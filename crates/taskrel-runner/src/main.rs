@@ -204,6 +204,9 @@ enum Bench {
         max_len: usize,
         #[arg(long, default_value = "data")]
         data_root: PathBuf,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long)]
         json: bool,
     },
@@ -301,9 +304,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     steps,
                     max_len,
                     data_root,
+                    device,
                     json,
                 },
-        } => bench_cmd::train_step(&model, &data_root, batch_size, steps, max_len, json),
+        } => bench_cmd::train_step(
+            &model,
+            &data_root,
+            &taskrel_models::device(&device)?,
+            batch_size,
+            steps,
+            max_len,
+            json,
+        ),
         Command::Bench {
             what:
                 Bench::Logme {

@@ -10,9 +10,11 @@
 //! relinking, subtrees walked without a stack), the flow of each tree edge at its child, and
 //! node potentials `u` (sources) and `v` (sinks) with `C_ij = u_i + v_j` on tree edges. The
 //! start is the north-west-corner staircase (a spanning tree by construction) with the sinks
-//! ordered by a greedy nearest-neighbour matching. Entering arcs
-//! are priced by block search (blocks of about `sqrt(n m)` arcs scanned cyclically, the most
-//! negative reduced cost of the first block that has one enters), the cycle is found by
+//! ordered by a greedy nearest-neighbour matching. Entering arcs are priced by block search
+//! (blocks of about `sqrt(n m)` arcs scanned cyclically, the most negative reduced cost of the
+//! first block that has one enters, the first such arc on ties; each run of a block along one
+//! row is priced in eight vector lanes, compiled for the CPU's vector width at run time, which
+//! choose exactly the arc an ordered scan would), the cycle is found by
 //! walking both ends up to their common ancestor, and the detached subtree is re-rooted at the
 //! entering arc with its potentials shifted by the entering reduced cost.
 
