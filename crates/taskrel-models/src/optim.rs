@@ -85,8 +85,16 @@ impl AdamW {
                 && slot.var.is_contiguous();
             if fused {
                 let g = g.contiguous()?;
-                slot.m.inplace_op2(&g, &FirstMoment(c))?;
-                slot.v.inplace_op2(&g, &SecondMoment(c))?;
+                let first = Moment {
+                    beta: c.beta1,
+                    square: false,
+                };
+                let second = Moment {
+                    beta: c.beta2,
+                    square: true,
+                };
+                slot.m.inplace_op2(&g, &first)?;
+                slot.v.inplace_op2(&g, &second)?;
                 slot.var.inplace_op3(&slot.m, &slot.v, &Update(c))?;
             } else {
                 // candle-nn's formula, operation for operation.
@@ -118,10 +126,12 @@ struct Constants {
     lr: f64,
 }
 
-/// `m <- (m * b1 + 0) + (g * (1 - b1) + 0)`.
-struct FirstMoment(Constants);
+/// The first moment, `m <- (m * b1 + 0) + (g * (1 - b1) + 0)`, or with `square` the second,
 /// `v <- (v * b2 + 0) + ((g * g) * (1 - b2) + 0)`.
-struct SecondMoment(Constants);
+struct Moment {
+    beta: f64,
+    square: bool,
+}
 /// `theta <- (theta * decay + 0) - ((m * s_m + 0) / (sqrt(v * s_v + 0) * 1 + eps) * lr + 0)`.
 struct Update(Constants);
 
@@ -171,9 +181,13 @@ fn moment(
     Ok(())
 }
 
-impl InplaceOp2 for FirstMoment {
+impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
-        "adamw-first-moment"
+        if self.square {
+            "adamw-second-moment"
+        } else {
+            "adamw-first-moment"
+        }
     }
 
     fn cpu_fwd(
@@ -183,23 +197,7 @@ impl InplaceOp2 for FirstMoment {
         g: &CpuStorage,
         g_l: &Layout,
     ) -> Result<()> {
-        moment(dst, dst_l, (g, g_l), self.0.beta1, false)
-    }
-}
-
-impl InplaceOp2 for SecondMoment {
-    fn name(&self) -> &'static str {
-        "adamw-second-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        g_l: &Layout,
-    ) -> Result<()> {
-        moment(dst, dst_l, (g, g_l), self.0.beta2, true)
+        moment(dst, dst_l, (g, g_l), self.beta, self.square)
     }
 }
 

@@ -384,10 +384,10 @@ fn tune_allocator() {}
 /// candle runs its element-wise operations on a pool of its own threads, which busy-wait for
 /// 25,000 spins after every job before they sleep, while its matrix products and this
 /// project's kernels run on rayon's threads. On a machine with few cores the spinning
-/// threads took cores from the working ones: a `lenet200` step (batch 128, 2 cores) went from
-/// about 130 to 80 ms and a MiniLM step (batch 32, sequence 128) from 8.8 to 4.9 s when they
-/// spin 100 times instead. The results do not change (no sum depends on which thread does
-/// the work). A value the user set in `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
+/// threads took cores from the working ones: with 100 spins instead, a MiniLM step (batch 32,
+/// sequence 128, 2 cores) took 4.6-5.8 s instead of 5.5-8.8 s in alternating runs (the gain
+/// grows with the load on the machine). The results do not change (no sum depends on which
+/// thread does the work). A value the user set in `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
 #[allow(unsafe_code)]
 fn tune_threads() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
