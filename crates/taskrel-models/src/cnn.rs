@@ -193,10 +193,32 @@ impl Cnn {
 
     /// Runs the layers on a preprocessed batch `(n, c, h, w)`; `train` holds the dropout RNG
     /// and switches BatchNorm to batch statistics.
-    pub fn forward(&self, x: &Tensor, mut train: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, train: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        self.forward_with(x, train, true)
+    }
+
+    /// [`Cnn::forward`]; `fuse` lets a training pass on the CPU run each convolution and its
+    /// ReLU as one op ([`conv_relu`]; same values and gradients, fewer passes).
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        mut train: Option<&mut ChaCha8Rng>,
+        fuse: bool,
+    ) -> Result<Tensor> {
         let mut x = x.clone();
-        for layer in &self.layers {
+        let mut layers = self.layers.iter().peekable();
+        while let Some(layer) = layers.next() {
             x = match layer {
+                Layer::Conv(c, padding)
+                    if fuse
+                        && train.is_some()
+                        && on_cpu_f32(&x)
+                        && c.bias().is_some()
+                        && matches!(layers.peek(), Some(Layer::Relu)) =>
+                {
+                    layers.next();
+                    conv_relu(&x, c, *padding)?
+                }
                 Layer::Conv(c, padding) => conv_unfold(&x, c, *padding)?,
                 Layer::Norm(n) => n.forward_t(&x, train.is_some())?,
                 Layer::Relu if on_cpu_f32(&x) => x.contiguous()?.apply_op1(crate::kernels::RELU)?,
@@ -227,12 +249,7 @@ impl Cnn {
 fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
     let w = conv.weight();
     let (o, c, k, _) = w.dims4()?;
-    let x = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?
-            .pad_with_zeros(3, padding, padding)?
-    } else {
-        x.clone()
-    };
+    let x = pad(x, padding)?;
     let (b, _, h, wd) = x.dims4()?;
     let (oh, ow) = (h + 1 - k, wd + 1 - k);
     let cols = if on_cpu_f32(&x) {
@@ -256,6 +273,121 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
         None => y,
     };
     Ok(y.reshape((b, oh, ow, o))?.permute((0, 3, 1, 2))?)
+}
+
+/// A convolution and the ReLU after it, for training on the CPU: the values of
+/// [`conv_unfold`] followed by the ReLU kernel, computed outside the autograd graph and
+/// attached to it as one op on `(input, weight, bias)` whose backward pass makes the same
+/// tensor calls as candle's backward pass through those operations would (so every gradient is
+/// the same, bit for bit; a test checks it).
+///
+/// candle adds each node's gradient to a fresh zero tensor: through the bias, the permute, the
+/// copy and the ReLU that is six passes over the activations, and it also computes the gradient
+/// of the unfolded patches of the network's input, which nothing needs. Here only the
+/// gradients of the arguments are formed, and the input's only when the input needs one.
+fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
+    let w = conv.weight();
+    let Some(bias) = conv.bias() else {
+        return Ok(conv_unfold(x, conv, padding)?.contiguous()?.apply_op1(crate::kernels::RELU)?);
+    };
+    let (o, c, k, _) = w.dims4()?;
+    let x = pad(x, padding)?;
+    let (b, _, h, wd) = x.dims4()?;
+    let (oh, ow) = (h + 1 - k, wd + 1 - k);
+    let unfold = crate::kernels::Unfold { k };
+    let cols = x
+        .detach()
+        .contiguous()?
+        .apply_op1_no_bwd(&unfold)?
+        .reshape((b * oh * ow, c * k * k))?;
+    let wt = w.detach().reshape((o, c * k * k))?.t()?;
+    let pre = cols
+        .matmul(&wt)?
+        .broadcast_add(&bias.detach())?
+        .reshape((b, oh, ow, o))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+    Ok(x.apply_op3(
+        w,
+        bias,
+        ConvRelu {
+            unfold,
+            input: [b, c, h, wd],
+            cols,
+            wt,
+            pre,
+        },
+    )?)
+}
+
+/// `relu(conv(input, weight) + bias)` with its pre-activation and operands kept for the
+/// backward pass.
+struct ConvRelu {
+    unfold: crate::kernels::Unfold,
+    input: [usize; 4],
+    /// The unfolded input `(b * oh * ow, c * k * k)`.
+    cols: Tensor,
+    /// The weight as `(c * k * k, o)`, a transposed view.
+    wt: Tensor,
+    /// The pre-activation `(b, o, oh, ow)`, contiguous.
+    pre: Tensor,
+}
+
+impl candle_core::CustomOp3 for ConvRelu {
+    fn name(&self) -> &'static str {
+        "taskrel-conv-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CustomOp1 as _;
+        let (storage, layout) = self.pre.storage_and_layout();
+        let candle_core::Storage::Cpu(pre) = &*storage else {
+            candle_core::bail!("{}: expected a CPU tensor", self.name())
+        };
+        crate::kernels::RELU.cpu_fwd(pre, layout)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Through the ReLU, then back through permute (0, 3, 1, 2) and the reshape.
+        let g = crate::kernels::RELU.backward(&self.pre, grad)?;
+        let (b, o, oh, ow) = g.dims4()?;
+        let g = g.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * oh * ow, o))?;
+        // The bias was broadcast over the rows; the matrix product's two gradients as candle
+        // forms them (`grad rhs^T` and `lhs^T grad`).
+        let grad_bias = g.sum_keepdim(0)?.squeeze(0)?;
+        let grad_w = self.cols.t()?.matmul(&g)?.t()?.reshape(w.dims())?;
+        let grad_x = if x.track_op() {
+            let patches = g.matmul(&self.wt.t()?)?.reshape((b, self.cols.dim(1)? * oh * ow))?;
+            Some(self.unfold.fold(&patches, self.input)?)
+        } else {
+            None
+        };
+        Ok((grad_x, Some(grad_w), Some(grad_bias)))
+    }
+}
+
+fn pad(x: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
+    if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)
+    } else {
+        Ok(x.clone())
+    }
 }
 
 fn on_cpu_f32(x: &Tensor) -> bool {
@@ -357,4 +489,54 @@ pub(crate) fn spec(arch: Arch, classes: Vec<String>, origin: String) -> Result<M
         classes,
         origin,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarMap;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    /// The output and every weight's gradient of one training pass, as bits, by weight name.
+    fn pass(net: &Cnn, vars: &VarMap, x: &Tensor, fuse: bool) -> Result<Vec<(String, Vec<u32>)>> {
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let y = net.forward_with(x, Some(&mut rng), fuse)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        let mut out = vec![("output".to_string(), bits(&y)?)];
+        let data = vars.data().lock().map_err(|_| Error::Invalid("var map lock".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let grad = grads
+                .get(data[name].as_tensor())
+                .ok_or_else(|| Error::Invalid(format!("no gradient for {name}")))?;
+            out.push((name.clone(), bits(grad)?));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn fused_conv_relu_gives_the_same_values_and_gradients() -> Result<()> {
+        let vars = VarMap::new();
+        let net = Cnn::new(
+            Arch::Lenet200,
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )?;
+        let values = (0..6 * 28 * 28).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0);
+        let x = Tensor::from_iter(values, &Device::Cpu)?.reshape((6, 1, 28, 28))?;
+        let (fused, plain) = (pass(&net, &vars, &x, true)?, pass(&net, &vars, &x, false)?);
+        assert_eq!(fused.len(), plain.len());
+        // Both convolutions and the dense layer: weights and biases, and the output.
+        assert_eq!(fused.len(), 7);
+        for ((name, a), (_, b)) in fused.iter().zip(&plain) {
+            assert!(a == b, "{name} differs");
+            assert!(a.iter().any(|&v| v != 0), "{name} is all zeros");
+        }
+        Ok(())
+    }
 }

@@ -557,9 +557,14 @@ impl CustomOp1 for Pointwise {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &self.grad)?,
-        ))
+        Ok(Some(self.backward(arg, grad_res)?))
+    }
+}
+
+impl Pointwise {
+    /// The gradient at input `arg` given the gradient `grad` of the output.
+    pub(crate) fn backward(&self, arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        arg.apply_op2_no_bwd(&grad.contiguous()?, &self.grad)
     }
 }
 
@@ -692,11 +697,17 @@ impl CustomOp1 for Unfold {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let dims: [usize; 4] = arg.dims4()?.into();
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Fold {
+        Ok(Some(self.fold(grad_res, arg.dims4()?.into())?))
+    }
+}
+
+impl Unfold {
+    /// The gradient of the `(b, c, h, w) = dims` input from the gradient of the patches.
+    pub(crate) fn fold(&self, grad: &Tensor, dims: [usize; 4]) -> candle_core::Result<Tensor> {
+        grad.contiguous()?.apply_op1_no_bwd(&Fold {
             unfold: *self,
             dims,
-        })?))
+        })
     }
 }
 
