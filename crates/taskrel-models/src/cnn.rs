@@ -301,12 +301,8 @@ fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
         .apply_op1_no_bwd(&unfold)?
         .reshape((b * oh * ow, c * k * k))?;
     let wt = w.detach().reshape((o, c * k * k))?.t()?;
-    let pre = cols
-        .matmul(&wt)?
-        .broadcast_add(&bias.detach())?
-        .reshape((b, oh, ow, o))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?;
+    let pre = crate::kernels::add_bias_channels_first(&cols.matmul(&wt)?, &bias.detach(), b)?
+        .reshape((b, o, oh, ow))?;
     Ok(x.apply_op3(
         w,
         bias,
@@ -364,12 +360,11 @@ impl candle_core::CustomOp3 for ConvRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Through the ReLU, then back through permute (0, 3, 1, 2) and the reshape.
-        let g = crate::kernels::RELU.backward(&self.pre, grad)?;
-        let (b, o, oh, ow) = g.dims4()?;
-        let g = g.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * oh * ow, o))?;
+        let (b, _, oh, ow) = self.pre.dims4()?;
+        let g = crate::kernels::relu_grad_channels_last(&self.pre, grad)?;
         // The bias was broadcast over the rows; the matrix product's two gradients as candle
         // forms them (`grad rhs^T` and `lhs^T grad`).
-        let grad_bias = g.sum_keepdim(0)?.squeeze(0)?;
+        let grad_bias = crate::kernels::column_sums(&g)?;
         let grad_w = self.cols.t()?.matmul(&g)?.t()?.reshape(w.dims())?;
         let grad_x = if x.track_op() {
             let patches = g.matmul(&self.wt.t()?)?.reshape((b, self.cols.dim(1)? * oh * ow))?;

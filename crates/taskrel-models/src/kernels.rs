@@ -616,9 +616,107 @@ pub(crate) const RELU: Pointwise = Pointwise {
     f: |v| v.max(0.0),
     grad: PointwiseGrad {
         name: "taskrel-relu-backward",
-        f: |v, gv| gv * if v >= 0.0 { 1.0 } else { 0.0 },
+        f: relu_grad,
     },
 };
+
+/// The gradient through ReLU at input `v` of an incoming gradient `gv`.
+fn relu_grad(v: f32, gv: f32) -> f32 {
+    gv * if v >= 0.0 { 1.0 } else { 0.0 }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_data<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("{what}: expected a CPU tensor")
+    };
+    f(f32_slice(cpu, layout, what)?)
+}
+
+/// `(b * p, o)` rows plus a per-column `bias (o)`, laid out as `(b, o, p)`: what
+/// `y.broadcast_add(bias).reshape((b, p, o)).permute((0, 2, 1)).contiguous()` computes (the
+/// same additions), in one parallel pass instead of an addition and a strided copy.
+pub(crate) fn add_bias_channels_first(
+    y: &Tensor,
+    bias: &Tensor,
+    b: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let what = "taskrel-bias-channels-first";
+    let (rows, o) = y.dims2()?;
+    if b == 0 || rows % b != 0 || bias.dims() != [o] {
+        bail!("{what}: {rows} x {o} rows, bias {:?}, batch {b}", bias.dims())
+    }
+    let p = rows / b;
+    let bias = bias.to_vec1::<f32>()?;
+    let out = with_data(y, what, |y| {
+        let mut out = vec![0f32; rows * o];
+        out.par_chunks_mut(o * p)
+            .zip(y.par_chunks(p * o))
+            .for_each(|(out, y)| {
+                for (q, row) in y.chunks_exact(o).enumerate() {
+                    for (c, (&v, &bc)) in row.iter().zip(&bias).enumerate() {
+                        out[c * p + q] = v + bc;
+                    }
+                }
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, (b, o, p), y.device())
+}
+
+/// The gradient through ReLU at `pre (b, o, ...)` of `grad` (same shape), laid out as rows
+/// `(b * p, o)`: what the ReLU backward kernel followed by `permute` to channels-last and
+/// `contiguous` computes (the same products), in one parallel pass.
+pub(crate) fn relu_grad_channels_last(pre: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let what = "taskrel-relu-grad-channels-last";
+    let dims = pre.dims();
+    if dims.len() < 2 || grad.dims() != dims {
+        bail!("{what}: input {dims:?}, gradient {:?}", grad.dims())
+    }
+    let (b, o) = (dims[0], dims[1]);
+    let p = pre.elem_count() / (b * o).max(1);
+    let grad = grad.contiguous()?;
+    let out = with_data(pre, what, |pre| {
+        with_data(&grad, what, |grad| {
+            let mut out = vec![0f32; pre.len()];
+            out.par_chunks_mut(o * p)
+                .zip(pre.par_chunks(o * p).zip(grad.par_chunks(o * p)))
+                .for_each(|(out, (pre, grad))| {
+                    for c in 0..o {
+                        for q in 0..p {
+                            let i = c * p + q;
+                            out[q * o + c] = relu_grad(pre[i], grad[i]);
+                        }
+                    }
+                });
+            Ok(out)
+        })
+    })?;
+    Tensor::from_vec(out, (b * p, o), pre.device())
+}
+
+/// Column sums of a `(rows, o)` tensor, each added row by row from 0 as candle's
+/// `sum_keepdim(0)` adds them, in one pass over contiguous rows.
+pub(crate) fn column_sums(g: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, o) = g.dims2()?;
+    let sums = with_data(g, "taskrel-column-sums", |g| {
+        let mut sums = vec![0f32; o];
+        for row in g.chunks_exact(o.max(1)) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        Ok(sums)
+    })?;
+    Tensor::from_vec(sums, o, g.device())
+}
 
 /// The patches of a stride-1 `k x k` convolution, `(b, c, h, w) -> (b, oh * ow * c * k * k)`:
 /// position `(r, q, ch, i, j)` of image `n`'s row holds pixel `(ch, r + i, q + j)`, so one
