@@ -746,19 +746,17 @@ impl Unfold {
         Ok([*c, *h, *w, h + 1 - self.k, w + 1 - self.k])
     }
 
-    /// Calls `f(patch_position, pixel)` for every patch value of one image, in patch order.
-    fn for_each(&self, [c, h, w, oh, ow]: [usize; 5], mut f: impl FnMut(usize, usize)) {
+    /// Calls `f(patch_position, pixel)` for every run of `k` patch values of one image (one
+    /// kernel row: patch positions `p..p + k` read pixels `pixel..pixel + k`), in patch order.
+    fn for_each_run(&self, [c, h, w, oh, ow]: [usize; 5], mut f: impl FnMut(usize, usize)) {
         let k = self.k;
         let mut p = 0;
         for r in 0..oh {
             for q in 0..ow {
                 for ch in 0..c {
                     for i in 0..k {
-                        let row = (ch * h + r + i) * w + q;
-                        for j in 0..k {
-                            f(p, row + j);
-                            p += 1;
-                        }
+                        f(p, (ch * h + r + i) * w + q);
+                        p += k;
                     }
                 }
             }
@@ -785,7 +783,10 @@ impl CustomOp1 for Unfold {
         let mut y = vec![0f32; b * cols];
         y.par_chunks_mut(cols)
             .zip(x.par_chunks(image))
-            .for_each(|(out, img)| self.for_each(g, |p, px| out[p] = img[px]));
+            .for_each(|(out, img)| {
+                let k = self.k;
+                self.for_each_run(g, |p, px| out[p..p + k].copy_from_slice(&img[px..px + k]))
+            });
         Ok((CpuStorage::F32(y), Shape::from((b, cols))))
     }
 
@@ -840,7 +841,15 @@ impl CustomOp1 for Fold {
         let mut dx = vec![0f32; self.dims[0] * image];
         dx.par_chunks_mut(image)
             .zip(grad.par_chunks(cols))
-            .for_each(|(out, g_row)| self.unfold.for_each(g, |p, px| out[px] += g_row[p]));
+            .for_each(|(out, g_row)| {
+                // Each pixel receives its patch gradients in patch order, as before.
+                let k = self.unfold.k;
+                self.unfold.for_each_run(g, |p, px| {
+                    for (o, &v) in out[px..px + k].iter_mut().zip(&g_row[p..p + k]) {
+                        *o += v;
+                    }
+                })
+            });
         Ok((CpuStorage::F32(dx), shape))
     }
 }
