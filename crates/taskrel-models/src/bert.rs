@@ -196,6 +196,18 @@ impl LayerNorm {
     }
 }
 
+/// A linear layer on `(rows, in)` hidden states: candle-nn's `Linear` (`x w^T`, then the
+/// bias broadcast over the rows), with the bias added by [`crate::kernels::BiasAdd`] when
+/// training on the CPU (same sums; its gradient in one pass).
+fn linear(layer: &Linear, x: &Tensor, training: bool) -> Result<Tensor> {
+    match layer.bias() {
+        Some(bias) if training && on_cpu_f32(x) && x.rank() == 2 => Ok(x
+            .matmul(&layer.weight().t()?)?
+            .apply_op2(bias, crate::kernels::BiasAdd)?),
+        _ => Ok(layer.forward(x)?),
+    }
+}
+
 fn on_cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
@@ -340,9 +352,9 @@ impl Bert {
                 .contiguous()?)
         };
         for block in &self.blocks {
-            let q = split((block.query.forward(&x)? * scale)?)?;
-            let k = split(block.key.forward(&x)?)?;
-            let v = split(block.value.forward(&x)?)?;
+            let q = split((linear(&block.query, &x, training)? * scale)?)?;
+            let k = split(linear(&block.key, &x, training)?)?;
+            let v = split(linear(&block.value, &x, training)?)?;
             let scores = q.matmul(&k.t()?)?;
             let probs = if training && on_cpu_f32(&scores) {
                 // One kernel for bias, softmax and dropout (same draws, same values).
@@ -364,13 +376,13 @@ impl Bert {
                 .transpose(1, 2)?
                 .reshape((n * len, hidden))?;
             let attn = maybe_dropout(
-                block.attn_out.forward(&context)?,
+                linear(&block.attn_out, &context, training)?,
                 self.hidden_dropout,
                 &mut train,
             )?;
             let attn = block.attn_norm.forward(&(attn + &x)?, training)?;
-            let up = self.act.apply(&block.up.forward(&attn)?, training)?;
-            let down = maybe_dropout(block.down.forward(&up)?, self.hidden_dropout, &mut train)?;
+            let up = self.act.apply(&linear(&block.up, &attn, training)?, training)?;
+            let down = maybe_dropout(linear(&block.down, &up, training)?, self.hidden_dropout, &mut train)?;
             x = block.out_norm.forward(&(down + &attn)?, training)?;
         }
         Ok(x.reshape((n, len, hidden))?)

@@ -702,6 +702,57 @@ pub(crate) fn relu_grad_channels_last(pre: &Tensor, grad: &Tensor) -> candle_cor
     Tensor::from_vec(out, (b * p, o), pre.device())
 }
 
+/// `y (rows, o) + bias (o)` on every row, as `y.broadcast_add(bias)` adds them; the backward
+/// pass hands the gradient to `y` and its column sums ([`column_sums`], the order of candle's
+/// `sum_keepdim(0)`) to the bias, without candle's index arithmetic per element.
+pub(crate) struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "taskrel-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let y = f32_slice(s1, l1, self.name())?;
+        let bias = f32_slice(s2, l2, self.name())?;
+        let o = row_len(l1, self.name())?;
+        if l1.dims().len() != 2 || l2.dims() != [o] {
+            bail!("{}: rows {:?}, bias {:?}", self.name(), l1.dims(), l2.dims())
+        }
+        let mut out = vec![0f32; y.len()];
+        let rows_per_chunk = (CHUNK / o).max(1);
+        out.par_chunks_mut(rows_per_chunk * o)
+            .zip(y.par_chunks(rows_per_chunk * o))
+            .for_each(|(out, y)| {
+                for (out, y) in out.chunks_exact_mut(o).zip(y.chunks_exact(o)) {
+                    for ((v, &a), &b) in out.iter_mut().zip(y).zip(bias) {
+                        *v = a + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let bias_grad = column_sums(&grad)?;
+        Ok((Some(grad), Some(bias_grad)))
+    }
+}
+
 /// Column sums of a `(rows, o)` tensor, each added row by row from 0 as candle's
 /// `sum_keepdim(0)` adds them, in one pass over contiguous rows.
 pub(crate) fn column_sums(g: &Tensor) -> candle_core::Result<Tensor> {
@@ -1043,6 +1094,30 @@ mod tests {
             b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         );
         a.len() == b.len() && a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits())
+    }
+
+    #[test]
+    fn bias_add_is_bit_identical_to_broadcast_add() {
+        // Enough rows that the sums of the bias gradient round differently in another order.
+        let (rows, o) = (3000, 7);
+        let y = Var::from_tensor(&input(rows, o, 2.0)).unwrap();
+        let bias = Var::from_tensor(&input(1, o, 1.0).squeeze(0).unwrap()).unwrap();
+        let fused = y.apply_op2(bias.as_tensor(), super::BiasAdd).unwrap();
+        let ops = y.broadcast_add(bias.as_tensor()).unwrap();
+        assert!(same_bits(&fused, &ops));
+        let w = input(rows, o, 1.0);
+        assert!({
+            let (g1, g2) = grads_of(&y, &w, &fused, &ops);
+            same_bits(&g1, &g2)
+        });
+        let (g1, g2) = grads_of(&bias, &w, &fused, &ops);
+        assert!(same_bits(&g1, &g2));
+        // The same sums in reverse row order differ somewhere: the test can see the order.
+        let rows_of_w = w.to_vec2::<f32>().unwrap();
+        let reversed: Vec<f32> = (0..o)
+            .map(|j| rows_of_w.iter().rev().fold(0f32, |acc, row| acc + row[j]))
+            .collect();
+        assert!(!same_bits(&Tensor::new(reversed.as_slice(), &Device::Cpu).unwrap(), &g2));
     }
 
     #[test]
