@@ -217,7 +217,11 @@ impl Cnn {
                         && matches!(layers.peek(), Some(Layer::Relu)) =>
                 {
                     layers.next();
-                    conv_relu(&x, c, *padding)?
+                    let pool = matches!(layers.peek(), Some(Layer::MaxPool2));
+                    if pool {
+                        layers.next();
+                    }
+                    conv_relu(&x, c, *padding, pool)?
                 }
                 Layer::Conv(c, padding) => conv_unfold(&x, c, *padding)?,
                 Layer::Norm(n) => n.forward_t(&x, train.is_some())?,
@@ -285,10 +289,17 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
 /// copy and the ReLU that is six passes over the activations, and it also computes the gradient
 /// of the unfolded patches of the network's input, which nothing needs. Here only the
 /// gradients of the arguments are formed, and the input's only when the input needs one.
-fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
+///
+/// With `pool`, the 2x2 max pooling after the ReLU joins the op too.
+fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize, pool: bool) -> Result<Tensor> {
     let w = conv.weight();
     let Some(bias) = conv.bias() else {
-        return Ok(conv_unfold(x, conv, padding)?.contiguous()?.apply_op1(crate::kernels::RELU)?);
+        let y = conv_unfold(x, conv, padding)?.contiguous()?.apply_op1(crate::kernels::RELU)?;
+        return Ok(if pool {
+            y.apply_op1(crate::kernels::MaxPool2)?
+        } else {
+            y
+        });
     };
     let (o, c, k, _) = w.dims4()?;
     let x = pad(x, padding)?;
@@ -303,6 +314,11 @@ fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
     let wt = w.detach().reshape((o, c * k * k))?.t()?;
     let pre = crate::kernels::add_bias_channels_first(&cols.matmul(&wt)?, &bias.detach(), b)?
         .reshape((b, o, oh, ow))?;
+    let activation = if pool {
+        Some(pre.apply_op1_no_bwd(&crate::kernels::RELU)?)
+    } else {
+        None
+    };
     Ok(x.apply_op3(
         w,
         bias,
@@ -312,6 +328,7 @@ fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
             cols,
             wt,
             pre,
+            activation,
         },
     )?)
 }
@@ -327,6 +344,8 @@ struct ConvRelu {
     wt: Tensor,
     /// The pre-activation `(b, o, oh, ow)`, contiguous.
     pre: Tensor,
+    /// With pooling, the ReLU's output (the pooling's input).
+    activation: Option<Tensor>,
 }
 
 impl candle_core::CustomOp3 for ConvRelu {
@@ -344,11 +363,15 @@ impl candle_core::CustomOp3 for ConvRelu {
         _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CustomOp1 as _;
-        let (storage, layout) = self.pre.storage_and_layout();
-        let candle_core::Storage::Cpu(pre) = &*storage else {
+        let input = self.activation.as_ref().unwrap_or(&self.pre);
+        let (storage, layout) = input.storage_and_layout();
+        let candle_core::Storage::Cpu(input) = &*storage else {
             candle_core::bail!("{}: expected a CPU tensor", self.name())
         };
-        crate::kernels::RELU.cpu_fwd(pre, layout)
+        match self.activation {
+            Some(_) => crate::kernels::MaxPool2.cpu_fwd(input, layout),
+            None => crate::kernels::RELU.cpu_fwd(input, layout),
+        }
     }
 
     fn bwd(
@@ -361,7 +384,11 @@ impl candle_core::CustomOp3 for ConvRelu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Through the ReLU, then back through permute (0, 3, 1, 2) and the reshape.
         let (b, _, oh, ow) = self.pre.dims4()?;
-        let g = crate::kernels::relu_grad_channels_last(&self.pre, grad)?;
+        let grad = match &self.activation {
+            Some(activation) => crate::kernels::MaxPool2.backward(activation, grad)?,
+            None => grad.clone(),
+        };
+        let g = crate::kernels::relu_grad_channels_last(&self.pre, &grad)?;
         // The bias was broadcast over the rows; the matrix product's two gradients as candle
         // forms them (`grad rhs^T` and `lhs^T grad`).
         let grad_bias = crate::kernels::column_sums(&g)?;

@@ -954,10 +954,14 @@ impl CustomOp1 for MaxPool2 {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &MaxPool2Backward,
-        )?))
+        Ok(Some(self.backward(arg, grad_res)?))
+    }
+}
+
+impl MaxPool2 {
+    /// The gradient at the pooled input `arg` given the gradient `grad` of the output.
+    pub(crate) fn backward(&self, arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2Backward)
     }
 }
 

@@ -383,18 +383,28 @@ fn tune_allocator() {}
 
 /// candle runs its element-wise operations on a pool of its own threads, which busy-wait for
 /// 25,000 spins after every job before they sleep, while its matrix products and this
-/// project's kernels run on rayon's threads. On a machine with few cores the spinning
-/// threads took cores from the working ones: with 100 spins instead, a MiniLM step (batch 32,
-/// sequence 128, 2 cores) took 4.6-5.8 s instead of 5.5-8.8 s in alternating runs (the gain
-/// grows with the load on the machine). The results do not change (no sum depends on which
-/// thread does the work). A value the user set in `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
+/// project's kernels run on rayon's threads. On a machine with few cores the two pools take
+/// cores from each other. So the spinning is capped at 100 (a MiniLM step, batch 32, sequence
+/// 128, on 2 cores: 4.6-5.8 s instead of 5.5-8.8 s in alternating runs; the gain grows with
+/// the load on the machine), and with at most 4 cores candle's element-wise operations run on
+/// the calling thread (the heavy ones of training are this project's kernels anyway; a
+/// `lenet200` step, batch 128, 2 cores: about 55 ms instead of 61-70 ms). The results do not
+/// change (no sum depends on which thread does the work). Values the user set in
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` or `CANDLE_NUM_THREADS` are kept.
 #[allow(unsafe_code)]
 fn tune_threads() {
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        // SAFETY: called first thing in `main`, before any thread exists (candle and rayon
-        // start their pools on first use), so nothing reads the environment concurrently.
-        unsafe { std::env::set_var(VAR, "100") };
+    let few_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 4);
+    let settings = [
+        ("CANDLE_BARRIER_POOL_SPIN_LIMIT", true, "100"),
+        ("CANDLE_NUM_THREADS", few_cores, "1"),
+    ];
+    for (var, wanted, value) in settings {
+        if wanted && std::env::var_os(var).is_none() {
+            // SAFETY: called first thing in `main`, before any thread exists (candle and
+            // rayon start their pools on first use), so nothing reads the environment
+            // concurrently.
+            unsafe { std::env::set_var(var, value) };
+        }
     }
 }
 
