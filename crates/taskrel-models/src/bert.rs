@@ -381,8 +381,14 @@ impl Bert {
                 &mut train,
             )?;
             let attn = block.attn_norm.forward(&(attn + &x)?, training)?;
-            let up = self.act.apply(&linear(&block.up, &attn, training)?, training)?;
-            let down = maybe_dropout(linear(&block.down, &up, training)?, self.hidden_dropout, &mut train)?;
+            let up = self
+                .act
+                .apply(&linear(&block.up, &attn, training)?, training)?;
+            let down = maybe_dropout(
+                linear(&block.down, &up, training)?,
+                self.hidden_dropout,
+                &mut train,
+            )?;
             x = block.out_norm.forward(&(down + &attn)?, training)?;
         }
         Ok(x.reshape((n, len, hidden))?)

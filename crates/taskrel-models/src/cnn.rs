@@ -294,7 +294,9 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
 fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize, pool: bool) -> Result<Tensor> {
     let w = conv.weight();
     let Some(bias) = conv.bias() else {
-        let y = conv_unfold(x, conv, padding)?.contiguous()?.apply_op1(crate::kernels::RELU)?;
+        let y = conv_unfold(x, conv, padding)?
+            .contiguous()?
+            .apply_op1(crate::kernels::RELU)?;
         return Ok(if pool {
             y.apply_op1(crate::kernels::MaxPool2)?
         } else {
@@ -394,7 +396,9 @@ impl candle_core::CustomOp3 for ConvRelu {
         let grad_bias = crate::kernels::column_sums(&g)?;
         let grad_w = self.cols.t()?.matmul(&g)?.t()?.reshape(w.dims())?;
         let grad_x = if x.track_op() {
-            let patches = g.matmul(&self.wt.t()?)?.reshape((b, self.cols.dim(1)? * oh * ow))?;
+            let patches = g
+                .matmul(&self.wt.t()?)?
+                .reshape((b, self.cols.dim(1)? * oh * ow))?;
             Some(self.unfold.fold(&patches, self.input)?)
         } else {
             None
@@ -524,13 +528,20 @@ mod tests {
     /// The output and every weight's gradient of one training pass, as bits, by weight name.
     fn pass(net: &Cnn, vars: &VarMap, x: &Tensor, fuse: bool) -> Result<Vec<(String, Vec<u32>)>> {
         let bits = |t: &Tensor| -> Result<Vec<u32>> {
-            Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
         };
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let y = net.forward_with(x, Some(&mut rng), fuse)?;
         let grads = y.sqr()?.sum_all()?.backward()?;
         let mut out = vec![("output".to_string(), bits(&y)?)];
-        let data = vars.data().lock().map_err(|_| Error::Invalid("var map lock".into()))?;
+        let data = vars
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("var map lock".into()))?;
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         for name in names {

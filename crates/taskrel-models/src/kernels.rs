@@ -650,7 +650,10 @@ pub(crate) fn add_bias_channels_first(
     let what = "taskrel-bias-channels-first";
     let (rows, o) = y.dims2()?;
     if b == 0 || rows % b != 0 || bias.dims() != [o] {
-        bail!("{what}: {rows} x {o} rows, bias {:?}, batch {b}", bias.dims())
+        bail!(
+            "{what}: {rows} x {o} rows, bias {:?}, batch {b}",
+            bias.dims()
+        )
     }
     let p = rows / b;
     let bias = bias.to_vec1::<f32>()?;
@@ -724,7 +727,12 @@ impl CustomOp2 for BiasAdd {
         let bias = f32_slice(s2, l2, self.name())?;
         let o = row_len(l1, self.name())?;
         if l1.dims().len() != 2 || l2.dims() != [o] {
-            bail!("{}: rows {:?}, bias {:?}", self.name(), l1.dims(), l2.dims())
+            bail!(
+                "{}: rows {:?}, bias {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            )
         }
         let mut out = vec![0f32; y.len()];
         let rows_per_chunk = (CHUNK / o).max(1);
@@ -1121,7 +1129,10 @@ mod tests {
         let reversed: Vec<f32> = (0..o)
             .map(|j| rows_of_w.iter().rev().fold(0f32, |acc, row| acc + row[j]))
             .collect();
-        assert!(!same_bits(&Tensor::new(reversed.as_slice(), &Device::Cpu).unwrap(), &g2));
+        assert!(!same_bits(
+            &Tensor::new(reversed.as_slice(), &Device::Cpu).unwrap(),
+            &g2
+        ));
     }
 
     #[test]

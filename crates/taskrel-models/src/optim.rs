@@ -283,17 +283,29 @@ mod tests {
                     let a = (vars[0].as_tensor().sqr()? * (step as f64 + 0.5))?
                         .relu()?
                         .sum_all()?;
-                    let b = vars[1].as_tensor().t()?.matmul(vars[1].as_tensor())?.sum_all()?;
+                    let b = vars[1]
+                        .as_tensor()
+                        .t()?
+                        .matmul(vars[1].as_tensor())?
+                        .sum_all()?;
                     a + b
                 };
                 let (g_ours, g_theirs) = (loss(&ours)?.backward()?, loss(&theirs)?.backward()?);
                 fused.step(&g_ours)?;
                 reference.step(&g_theirs)?;
                 for (a, b) in ours.iter().zip(&theirs) {
-                    assert_eq!(bits(a.as_tensor()), bits(b.as_tensor()), "step {step}, lr {lr}");
+                    assert_eq!(
+                        bits(a.as_tensor()),
+                        bits(b.as_tensor()),
+                        "step {step}, lr {lr}"
+                    );
                 }
             }
-            assert_ne!(bits(ours[0].as_tensor()), bits(&init[0]), "the parameters moved");
+            assert_ne!(
+                bits(ours[0].as_tensor()),
+                bits(&init[0]),
+                "the parameters moved"
+            );
         }
         Ok(())
     }
