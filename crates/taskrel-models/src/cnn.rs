@@ -197,8 +197,9 @@ impl Cnn {
         self.forward_with(x, train, true)
     }
 
-    /// [`Cnn::forward`]; `fuse` lets a training pass on the CPU run each convolution and its
-    /// ReLU as one op ([`conv_relu`]; same values and gradients, fewer passes).
+    /// [`Cnn::forward`]; `fuse` lets a training pass on the CPU run each convolution with a
+    /// bias, its ReLU and a max pooling after it as one op ([`conv_relu`]; same values and
+    /// gradients, fewer passes).
     fn forward_with(
         &self,
         x: &Tensor,
@@ -293,16 +294,9 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
 /// With `pool`, the 2x2 max pooling after the ReLU joins the op too.
 fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize, pool: bool) -> Result<Tensor> {
     let w = conv.weight();
-    let Some(bias) = conv.bias() else {
-        let y = conv_unfold(x, conv, padding)?
-            .contiguous()?
-            .apply_op1(crate::kernels::RELU)?;
-        return Ok(if pool {
-            y.apply_op1(crate::kernels::MaxPool2)?
-        } else {
-            y
-        });
-    };
+    let bias = conv
+        .bias()
+        .ok_or_else(|| Error::Invalid("conv_relu: the convolution has no bias".into()))?;
     let (o, c, k, _) = w.dims4()?;
     let x = pad(x, padding)?;
     let (b, _, h, wd) = x.dims4()?;
@@ -335,8 +329,8 @@ fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize, pool: bool) -> Result<Te
     )?)
 }
 
-/// `relu(conv(input, weight) + bias)` with its pre-activation and operands kept for the
-/// backward pass.
+/// `relu(conv(input, weight) + bias)`, max-pooled when `activation` is kept, with its
+/// pre-activation and operands kept for the backward pass.
 struct ConvRelu {
     unfold: crate::kernels::Unfold,
     input: [usize; 4],
@@ -366,14 +360,10 @@ impl candle_core::CustomOp3 for ConvRelu {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CustomOp1 as _;
         let input = self.activation.as_ref().unwrap_or(&self.pre);
-        let (storage, layout) = input.storage_and_layout();
-        let candle_core::Storage::Cpu(input) = &*storage else {
-            candle_core::bail!("{}: expected a CPU tensor", self.name())
-        };
-        match self.activation {
+        crate::kernels::with_storage(input, self.name(), |input, layout| match self.activation {
             Some(_) => crate::kernels::MaxPool2.cpu_fwd(input, layout),
             None => crate::kernels::RELU.cpu_fwd(input, layout),
-        }
+        })
     }
 
     fn bwd(
@@ -384,7 +374,8 @@ impl candle_core::CustomOp3 for ConvRelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Through the ReLU, then back through permute (0, 3, 1, 2) and the reshape.
+        // Through the pooling if any and the ReLU, then back through permute (0, 3, 1, 2)
+        // and the reshape.
         let (b, _, oh, ow) = self.pre.dims4()?;
         let grad = match &self.activation {
             Some(activation) => crate::kernels::MaxPool2.backward(activation, grad)?,

@@ -13,7 +13,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// The contiguous f32 data of a CPU tensor's storage.
-fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -625,17 +625,26 @@ fn relu_grad(v: f32, gv: f32) -> f32 {
     gv * if v >= 0.0 { 1.0 } else { 0.0 }
 }
 
+/// Runs `f` on the CPU storage of a tensor and its layout.
+pub(crate) fn with_storage<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("{what}: expected a CPU tensor")
+    };
+    f(cpu, layout)
+}
+
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
 fn with_data<R>(
     t: &Tensor,
     what: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        bail!("{what}: expected a CPU tensor")
-    };
-    f(f32_slice(cpu, layout, what)?)
+    with_storage(t, what, |cpu, layout| f(f32_slice(cpu, layout, what)?))
 }
 
 /// `(b * p, o)` rows plus a per-column `bias (o)`, laid out as `(b, o, p)`: what

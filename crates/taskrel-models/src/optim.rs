@@ -6,32 +6,11 @@
 //! traffic a step. Here the first moment, the second moment and the parameter are updated in
 //! place, element by element, with the same f32 operations in the same order (candle's
 //! `x * c` is `x * c + 0`, its `x + c` is `x * 1 + c`, both with `c` rounded to f32), so the
-//! parameters after every step are bit for bit candle-nn's (a test checks this). Other
-//! devices and types run the tensor formula.
+//! parameters after every step are bit for bit candle-nn's (a test checks this). Parameters
+//! on other devices or of other types are left to candle-nn's `AdamW`.
 
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Var, bail};
-
-/// Hyper-parameters (candle-nn's defaults: betas 0.9, 0.999, eps 1e-8).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AdamWParams {
-    pub(crate) lr: f64,
-    pub(crate) beta1: f64,
-    pub(crate) beta2: f64,
-    pub(crate) eps: f64,
-    pub(crate) weight_decay: f64,
-}
-
-impl AdamWParams {
-    pub(crate) fn new(lr: f64, weight_decay: f64) -> Self {
-        Self {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-        }
-    }
-}
+use candle_nn::{Optimizer as _, ParamsAdamW};
 
 struct Slot {
     var: Var,
@@ -40,16 +19,24 @@ struct Slot {
 }
 
 pub(crate) struct AdamW {
+    /// Contiguous f32 parameters on the CPU, updated by the fused passes.
     slots: Vec<Slot>,
-    pub(crate) params: AdamWParams,
+    /// Every other parameter, updated by candle-nn's `AdamW` itself.
+    rest: candle_nn::AdamW,
+    params: ParamsAdamW,
     step_t: i32,
 }
 
 impl AdamW {
-    pub(crate) fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
-        let slots = vars
+    pub(crate) fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
+        let (fused, rest): (Vec<Var>, Vec<Var>) = vars
             .into_iter()
             .filter(|var| var.dtype().is_float())
+            .partition(|var| {
+                var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous()
+            });
+        let slots = fused
+            .into_iter()
             .map(|var| {
                 let m = Var::zeros(var.shape(), var.dtype(), var.device())?;
                 let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
@@ -58,67 +45,54 @@ impl AdamW {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             slots,
+            rest: candle_nn::AdamW::new(rest, params.clone())?,
             params,
             step_t: 0,
         })
     }
 
+    pub(crate) fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+        self.rest.set_learning_rate(lr);
+    }
+
     pub(crate) fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
         self.step_t += 1;
-        let p = self.params;
+        let p = &self.params;
         let c = Constants {
-            beta1: p.beta1,
-            beta2: p.beta2,
             scale_m: 1.0 / (1.0 - p.beta1.powi(self.step_t)),
             scale_v: 1.0 / (1.0 - p.beta2.powi(self.step_t)),
             decay: 1.0 - p.lr * p.weight_decay,
             eps: p.eps,
             lr: p.lr,
         };
+        let first = Moment {
+            beta: p.beta1,
+            square: false,
+        };
+        let second = Moment {
+            beta: p.beta2,
+            square: true,
+        };
         for slot in &self.slots {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
             };
-            let fused = slot.var.device().is_cpu()
-                && slot.var.dtype() == DType::F32
-                && g.dtype() == DType::F32
-                && slot.var.is_contiguous();
-            if fused {
-                let g = g.contiguous()?;
-                let first = Moment {
-                    beta: c.beta1,
-                    square: false,
-                };
-                let second = Moment {
-                    beta: c.beta2,
-                    square: true,
-                };
-                slot.m.inplace_op2(&g, &first)?;
-                slot.v.inplace_op2(&g, &second)?;
-                slot.var.inplace_op3(&slot.m, &slot.v, &Update(c))?;
-            } else {
-                // candle-nn's formula, operation for operation.
-                let next_m = ((slot.m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-                let next_v = ((slot.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                let m_hat = (&next_m * c.scale_m)?;
-                let v_hat = (&next_v * c.scale_v)?;
-                let decayed = (slot.var.as_tensor() * c.decay)?;
-                let adjusted = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-                let next = (decayed - (adjusted * c.lr)?)?;
-                slot.m.set(&next_m)?;
-                slot.v.set(&next_v)?;
-                slot.var.set(&next)?;
+            if g.dtype() != DType::F32 {
+                bail!("adamw: expected an f32 gradient, got {:?}", g.dtype())
             }
+            let g = g.contiguous()?;
+            slot.m.inplace_op2(&g, &first)?;
+            slot.v.inplace_op2(&g, &second)?;
+            slot.var.inplace_op3(&slot.m, &slot.v, &Update(c))?;
         }
-        Ok(())
+        self.rest.step(grads)
     }
 }
 
 /// The step's constants in f64, rounded to f32 where the update uses them, as candle does.
 #[derive(Clone, Copy, Debug)]
 struct Constants {
-    beta1: f64,
-    beta2: f64,
     scale_m: f64,
     scale_v: f64,
     decay: f64,
@@ -137,13 +111,14 @@ struct Update(Constants);
 
 /// The contiguous f32 data of a parameter-sized operand.
 fn operand<'a>(storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("adamw: expected f32 data")
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end - start == len => Ok(&data[start..end]),
-        _ => bail!("adamw: expected a contiguous operand of {len} elements"),
+    let data = crate::kernels::f32_slice(storage, layout, "adamw")?;
+    if data.len() != len {
+        bail!(
+            "adamw: expected an operand of {len} elements, got {}",
+            data.len()
+        )
     }
+    Ok(data)
 }
 
 fn target<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
@@ -268,15 +243,13 @@ mod tests {
                 .collect::<Result<_>>()?;
             let ours: Vec<Var> = init.iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let theirs: Vec<Var> = init.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-            let mut fused = AdamW::new(ours.clone(), AdamWParams::new(lr, wd))?;
-            let mut reference = candle_nn::AdamW::new(
-                theirs.clone(),
-                candle_nn::ParamsAdamW {
-                    lr,
-                    weight_decay: wd,
-                    ..Default::default()
-                },
-            )?;
+            let params = candle_nn::ParamsAdamW {
+                lr,
+                weight_decay: wd,
+                ..Default::default()
+            };
+            let mut fused = AdamW::new(ours.clone(), params.clone())?;
+            let mut reference = candle_nn::AdamW::new(theirs.clone(), params)?;
             for step in 0..5 {
                 // A loss whose gradients differ from step to step and include exact zeros.
                 let loss = |vars: &[Var]| -> Result<Tensor> {

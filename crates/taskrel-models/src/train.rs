@@ -26,7 +26,7 @@ use taskrel_data::Dataset;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::AdamW;
 
 /// What fine-tuning updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -214,7 +214,11 @@ impl Optimizer {
         Ok(match cfg.optimizer {
             OptimizerKind::Adamw => Self::Adamw(AdamW::new(
                 vars,
-                AdamWParams::new(cfg.lr, cfg.weight_decay),
+                candle_nn::ParamsAdamW {
+                    lr: cfg.lr,
+                    weight_decay: cfg.weight_decay,
+                    ..Default::default()
+                },
             )?),
             OptimizerKind::Sgd => Self::Sgd(Sgd {
                 vars: vars.into_iter().map(|v| (v, None)).collect(),
@@ -227,7 +231,7 @@ impl Optimizer {
 
     fn set_lr(&mut self, lr: f64) {
         match self {
-            Self::Adamw(o) => o.params.lr = lr,
+            Self::Adamw(o) => o.set_learning_rate(lr),
             Self::Sgd(o) => o.lr = lr,
         }
     }
