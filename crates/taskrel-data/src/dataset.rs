@@ -167,6 +167,19 @@ impl Dataset {
         })
     }
 
+    /// The samples at positions `start, start + 2, start + 4, ...` (`start` 0 or 1): the two
+    /// values give two disjoint halves of a split, so that a reference sample and a target
+    /// sample drawn from the same dataset never share a sample, whatever their seeds.
+    pub fn every_other(&self, start: usize) -> Result<Dataset> {
+        if start > 1 {
+            return Err(Error::Invalid(format!(
+                "every_other takes start 0 or 1, got {start}"
+            )));
+        }
+        let indices: Vec<usize> = (start..self.len()).step_by(2).collect();
+        self.select(&indices)
+    }
+
     /// Keeps only the samples of `classes` and relabels them `0..classes.len()` in the order
     /// given, so `subset_classes(&[3, 8])` maps class 3 to 0 and class 8 to 1.
     pub fn subset_classes(&self, classes: &[u32]) -> Result<Dataset> {

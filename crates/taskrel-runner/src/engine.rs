@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use taskrel_data::{Dataset, DatasetName};
 use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
-use taskrel_score::FeatureSet;
+use taskrel_score::{FeatureSet, Samples};
 use taskrel_score::baselines::{self, Matrix};
 
 use crate::sweep::{Cell, Plan, ScoreKind, Source};
@@ -411,15 +411,18 @@ impl<'a> Engine<'a> {
     }
 
     /// The values of `kind`'s columns on one cell's features (NaN where a score does not
-    /// apply, e.g. LEEP for a model without a classification head).
+    /// apply, e.g. LEEP for a model without a classification head). Baselines use the target
+    /// fitting sample; task-relatedness fits on it and reports on the evaluation samples.
     fn score(
         &self,
         kind: ScoreKind,
         seed: u64,
         model: &Model,
-        reference: Option<&FeatureSet>,
-        target: &FeatureSet,
+        reference: Option<Samples>,
+        target: Samples,
     ) -> anyhow::Result<Vec<f64>> {
+        let target_eval = target.eval;
+        let target = target.fit;
         let labels = || {
             target
                 .labels
@@ -438,7 +441,10 @@ impl<'a> Engine<'a> {
                 cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
                 let r = taskrel_score::relatedness(
                     reference_of("task-relatedness")?,
-                    target,
+                    Samples {
+                        fit: target,
+                        eval: target_eval,
+                    },
                     &cfg,
                     &self.device,
                 )?;
@@ -448,10 +454,14 @@ impl<'a> Engine<'a> {
                     r.label_entropy,
                     r.wasserstein,
                     r.distribution_term,
+                    r.tau,
+                    r.tau_reference,
+                    f64::from(u8::from(r.lipschitz_holds)),
                 ];
                 if kind == ScoreKind::Relatedness {
-                    v.push(r.tau);
+                    v.push(r.reference_accuracy);
                     v.push(r.target_accuracy.unwrap_or(f64::NAN));
+                    v.push(r.target_loss.unwrap_or(f64::NAN));
                 } else {
                     v.push(r.pseudo_label_accuracy.unwrap_or(f64::NAN));
                 }
@@ -481,7 +491,7 @@ impl<'a> Engine<'a> {
                 }
             }
             ScoreKind::Otce => {
-                let r = reference_of("OTCE")?;
+                let r = reference_of("OTCE")?.fit;
                 let rx: Vec<f64> = r.values.iter().map(|&v| f64::from(v)).collect();
                 let rl = r
                     .labels
@@ -496,9 +506,8 @@ impl<'a> Engine<'a> {
     /// measured on its test split; `stage` is told what is happening.
     pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
         let plan = self.plan;
-        let (sample, target_test) = self.target_sample(cell)?;
+        let (sample, target_train, target_test) = self.target_sample(cell)?;
         let (mut row, ready) = self.score_cell(cell, &plan.scores, &sample, stage)?;
-        let target_train = sample.data;
         let test_set = match plan.sweep.measure.test_per_class {
             Some(n) => target_test.select(&target_test.sample_at_most_per_class(n, cell.seed))?,
             None => target_test,
@@ -529,7 +538,7 @@ impl<'a> Engine<'a> {
         row: &mut Row,
         stage: &dyn Fn(&str),
     ) -> anyhow::Result<()> {
-        let (sample, _) = self.target_sample(cell)?;
+        let (sample, _, _) = self.target_sample(cell)?;
         let (fresh, _) = self.score_cell(cell, scores, &sample, stage)?;
         for kind in scores {
             for col in kind.columns() {
@@ -547,8 +556,15 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// A cell's target training sample (scored) and its test split (before the budget).
-    fn target_sample(&mut self, cell: &Cell) -> anyhow::Result<(TargetSample, Dataset)> {
+    /// A cell's scored target samples, and its whole train and test splits (fine-tuning
+    /// draws from the first, accuracy is measured on the second).
+    ///
+    /// Scored samples come from the odd positions of each split (`Dataset::every_other(1)`),
+    /// reference samples from the even ones, so that a target scored against a source whose
+    /// reference task is the same dataset never shares a sample with the reference sample.
+    /// The fitting sample is `target_per_class` per class of the train split's half, the
+    /// evaluation sample at most as many of the test split's half.
+    fn target_sample(&mut self, cell: &Cell) -> anyhow::Result<(TargetSample, Dataset, Dataset)> {
         let plan = self.plan;
         let target = &plan.targets[&cell.target];
         let (target_train, target_test) = {
@@ -563,13 +579,56 @@ impl<'a> Engine<'a> {
             .as_ref()
             .map(|c| format!("{c:?}"))
             .unwrap_or_else(|| "all".into());
+        let (fit_pool, eval_pool) = {
+            let classes = target.classes.as_deref();
+            let (train_set, test_set) = self.dataset(target.dataset)?;
+            (target_pool(train_set, classes)?, target_pool(test_set, classes)?)
+        };
+        let per_class = plan.sweep.score.target_per_class;
         let sample = TargetSample {
-            indices: target_train.sample_per_class(plan.sweep.score.target_per_class, cell.seed)?,
-            label: format!("{}/train classes {subset}", target.dataset),
-            data: target_train,
+            indices: fit_pool.sample_per_class(per_class, cell.seed)?,
+            label: format!("{}/train odd half, classes {subset}", target.dataset),
+            data: fit_pool,
+            eval_indices: eval_pool.sample_at_most_per_class(per_class, cell.seed),
+            eval_label: format!("{}/test odd half, classes {subset}", target.dataset),
+            eval_data: eval_pool,
             labelled: true,
         };
-        Ok((sample, target_test))
+        Ok((sample, target_train, target_test))
+    }
+
+    /// Features of the reference task of a source: fitting samples from the even half of the
+    /// reference dataset's train split, evaluation samples from the even half of its test
+    /// split, `reference_per_class` per class (at most, for the evaluation samples).
+    fn reference_features(
+        &mut self,
+        model: &Model,
+        weights: &str,
+        reference: DatasetName,
+        seed: u64,
+    ) -> anyhow::Result<(FeatureSet, FeatureSet)> {
+        let per_class = self.plan.sweep.score.reference_per_class;
+        let (train_half, test_half) = {
+            let (train, test) = self.dataset(reference)?;
+            (reference_pool(train)?, reference_pool(test)?)
+        };
+        let fit_idx = train_half.sample_per_class(per_class, seed)?;
+        let eval_idx = test_half.sample_at_most_per_class(per_class, seed);
+        let fit = self.features(
+            model,
+            weights,
+            &format!("{reference}/train even half"),
+            &train_half,
+            &fit_idx,
+        )?;
+        let eval = self.features(
+            model,
+            weights,
+            &format!("{reference}/test even half"),
+            &test_half,
+            &eval_idx,
+        )?;
+        Ok((fit, eval))
     }
 
     /// The source model of a cell and `scores` on a target sample (no fine-tuning).
@@ -603,32 +662,32 @@ impl<'a> Engine<'a> {
         let ref_feats = match source.reference {
             Some(reference) => {
                 row.insert("reference".into(), json!(reference.as_str()));
-                let ref_train = self.dataset(reference)?.0.clone();
-                let ref_idx =
-                    ref_train.sample_per_class(plan.sweep.score.reference_per_class, cell.seed)?;
-                let set = self.features(
-                    &model,
-                    &ready.weights,
-                    &format!("{reference}/train"),
-                    &ref_train,
-                    &ref_idx,
-                )?;
-                row.insert("n_reference".into(), json!(set.n));
-                Some(set)
+                let (fit, eval) =
+                    self.reference_features(&model, &ready.weights, reference, cell.seed)?;
+                row.insert("n_reference".into(), json!(fit.n));
+                Some((fit, eval))
             }
             None => None,
         };
-        let mut tgt_feats = self.features(
+        let mut tgt_fit = self.features(
             &model,
             &ready.weights,
             &sample.label,
             &sample.data,
             &sample.indices,
         )?;
+        let mut tgt_eval = self.features(
+            &model,
+            &ready.weights,
+            &sample.eval_label,
+            &sample.eval_data,
+            &sample.eval_indices,
+        )?;
         if !sample.labelled {
-            tgt_feats.labels = None;
+            tgt_fit.labels = None;
+            tgt_eval.labels = None;
         }
-        row.insert("n_target".into(), json!(tgt_feats.n));
+        row.insert("n_target".into(), json!(tgt_fit.n));
         row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
 
         for &kind in scores {
@@ -637,7 +696,14 @@ impl<'a> Engine<'a> {
             let values = if kind.needs_reference() && ref_feats.is_none() {
                 vec![f64::NAN; kind.columns().len()]
             } else {
-                self.score(kind, cell.seed, &model, ref_feats.as_ref(), &tgt_feats)?
+                let reference = ref_feats
+                    .as_ref()
+                    .map(|(fit, eval)| Samples { fit, eval });
+                let target = Samples {
+                    fit: &tgt_fit,
+                    eval: &tgt_eval,
+                };
+                self.score(kind, cell.seed, &model, reference, target)?
             };
             for (col, v) in kind.columns().iter().zip(values) {
                 row.insert(col.to_string(), num(Some(v)));
@@ -649,13 +715,34 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// The target samples a cell is scored on.
+/// The part of a split reference samples are drawn from: its even positions.
+pub fn reference_pool(split: &Dataset) -> anyhow::Result<Dataset> {
+    Ok(split.every_other(0)?)
+}
+
+/// The part of a split target samples are drawn from: its odd positions (disjoint from
+/// [`reference_pool`]), restricted to `classes` when the target is a class subset.
+pub fn target_pool(split: &Dataset, classes: Option<&[u32]>) -> anyhow::Result<Dataset> {
+    let half = split.every_other(1)?;
+    Ok(match classes {
+        Some(c) => half.subset_classes(c)?,
+        None => half,
+    })
+}
+
+/// The target samples a cell is scored on: the fitting sample (`data[indices]`, also what
+/// the baselines score) and the evaluation sample task-relatedness reports on
+/// (`eval_data[eval_indices]`, disjoint from the fitting sample).
 #[derive(Debug)]
 pub struct TargetSample {
     pub data: Dataset,
     pub indices: Vec<usize>,
     /// Describes the data in cache keys (dataset, split, classes, or a folder).
     pub label: String,
+    pub eval_data: Dataset,
+    pub eval_indices: Vec<usize>,
+    /// Describes the evaluation data in cache keys.
+    pub eval_label: String,
     /// Whether the labels of `data` may be used.
     pub labelled: bool,
 }
@@ -665,5 +752,42 @@ fn num(v: Option<f64>) -> Value {
     match v {
         Some(v) if v.is_finite() => json!(v),
         _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use taskrel_data::Dataset;
+
+    use super::{reference_pool, target_pool};
+
+    fn images(data: &Dataset, indices: &[usize]) -> HashSet<Vec<u8>> {
+        let images = data.images().expect("an image dataset");
+        indices.iter().map(|&i| images.image(i).to_vec()).collect()
+    }
+
+    /// A reference sample and a target sample of the same dataset share no sample, for any
+    /// pair of seeds and for class-subset targets, on real MNIST (the `data/` folder; run
+    /// `scripts/fetch-data.sh` first).
+    #[test]
+    fn reference_and_target_samples_of_one_dataset_are_disjoint() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist");
+        let splits = taskrel_data::load(taskrel_data::DatasetName::Mnist, &root)
+            .expect("data/mnist: run scripts/fetch-data.sh first");
+        let test = splits.test.expect("mnist has a test split");
+        let reference = reference_pool(&test).unwrap();
+        let drawn = reference.sample_per_class(300, 0).unwrap();
+        let ref_images = images(&reference, &drawn);
+        for (classes, seed) in [(None, 0), (None, 1), (Some(&[3u32, 8][..]), 0)] {
+            let target = target_pool(&test, classes).unwrap();
+            let drawn = target.sample_per_class(300, seed).unwrap();
+            let shared = images(&target, &drawn).intersection(&ref_images).count();
+            assert_eq!(shared, 0, "classes {classes:?}, seed {seed}");
+        }
+        // The same draw from one pool for both would overlap heavily: the check bites.
+        let same = reference.sample_per_class(300, 1).unwrap();
+        assert!(images(&reference, &same).intersection(&ref_images).count() > 100);
     }
 }

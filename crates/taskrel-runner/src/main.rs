@@ -103,12 +103,35 @@ enum Command {
     },
     /// Task-relatedness between reference and target features (files from `taskrel features`).
     Relatedness {
-        /// Labelled reference features.
+        /// Labelled reference features the variables are fitted on.
         #[arg(long)]
         reference: PathBuf,
-        /// Target features (labels used unless --unlabeled).
+        /// Target features the variables are fitted on (labels used unless --unlabeled).
         #[arg(long)]
         target: PathBuf,
+        /// Reference features the reported terms are measured on (e.g. the test split);
+        /// without it, 30 % of each class of --reference is held out (seeded).
+        #[arg(long)]
+        reference_eval: Option<PathBuf>,
+        /// Target features the reported terms are measured on; without it, 30 % of each class
+        /// of --target is held out (seeded).
+        #[arg(long)]
+        target_eval: Option<PathBuf>,
+        /// Random start of the label map (the authors') instead of the transport-plan start.
+        #[arg(long)]
+        random_label_map: bool,
+        /// Gradient-norm penalty weight of h_R.
+        #[arg(long)]
+        head_penalty: Option<f64>,
+        /// Epochs of h_R's training.
+        #[arg(long)]
+        head_epochs: Option<usize>,
+        /// Adam learning rate of h_R.
+        #[arg(long)]
+        head_lr: Option<f64>,
+        /// Mini-batch size of h_R's training.
+        #[arg(long)]
+        head_batch_size: Option<usize>,
         /// learned_all, learned_a or fixed_all.
         #[arg(long, default_value = "learned_all", value_parser = parse_variant)]
         variant: taskrel_score::Variant,
@@ -335,6 +358,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relatedness {
             reference,
             target,
+            reference_eval,
+            target_eval,
+            random_label_map,
+            head_penalty,
+            head_epochs,
+            head_lr,
+            head_batch_size,
             variant,
             unlabeled,
             solver,
@@ -344,6 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             json,
         } => {
+            let defaults = taskrel_score::RelatednessConfig::default();
             let cfg = taskrel_score::RelatednessConfig {
                 variant,
                 solver,
@@ -351,9 +382,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_size,
                 unlabeled,
                 seed,
-                ..Default::default()
+                label_map_init: if random_label_map {
+                    taskrel_score::relatedness::LabelMapInit::Random
+                } else {
+                    taskrel_score::relatedness::LabelMapInit::Transport
+                },
+                gradient_penalty: head_penalty.unwrap_or(defaults.gradient_penalty),
+                head_epochs: head_epochs.unwrap_or(defaults.head_epochs),
+                head_lr: head_lr.unwrap_or(defaults.head_lr),
+                head_batch_size: head_batch_size.unwrap_or(defaults.head_batch_size),
+                ..defaults
             };
-            relatedness_cmd::run(&reference, &target, &cfg, &device, json)
+            let files = |fit, eval| relatedness_cmd::TaskFiles { fit, eval };
+            relatedness_cmd::run(
+                &files(reference, reference_eval),
+                &files(target, target_eval),
+                &cfg,
+                &device,
+                json,
+            )
         }
     }
 }

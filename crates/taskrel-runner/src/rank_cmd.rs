@@ -299,6 +299,42 @@ fn draw(data: &Dataset, labelled: bool, budget: usize, seed: u64) -> anyhow::Res
     }
 }
 
+/// Splits the drawn sample into fitting and evaluation parts (seeded; per class when labels
+/// are used): task-relatedness is fitted on the first and reported on the second.
+fn hold_out(
+    data: &Dataset,
+    drawn: &[usize],
+    labelled: bool,
+    seed: u64,
+) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+    let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for &i in drawn {
+        groups
+            .entry(if labelled { data.labels[i] } else { 0 })
+            .or_default()
+            .push(i);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0xe7a1));
+    let (mut fit, mut eval) = (Vec::new(), Vec::new());
+    for (class, mut members) in groups {
+        if members.len() < 2 {
+            bail!(
+                "class {class} has {} sample(s) in the drawn sample: at least two are needed, one to fit on and one to evaluate on",
+                members.len()
+            );
+        }
+        members.shuffle(&mut rng);
+        let n_eval = ((members.len() as f64 * crate::relatedness_cmd::EVAL_FRACTION).round()
+            as usize)
+            .clamp(1, members.len() - 1);
+        eval.extend_from_slice(&members[..n_eval]);
+        fit.extend_from_slice(&members[n_eval..]);
+    }
+    fit.sort_unstable();
+    eval.sort_unstable();
+    Ok((fit, eval))
+}
+
 /// `taskrel rank`.
 pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&opts.zoo)
@@ -310,8 +346,15 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
                 .root
                 .clone()
                 .unwrap_or_else(|| opts.data_root.join(name.as_str()));
+            // The odd half of the train split, as sweeps score targets, so that the sample
+            // never overlaps a reference sample of the same dataset (the even half).
             let ((train, label), _) = crate::model_cmd::train_test(*name, &root)?;
-            (train, true, label, name.modality())
+            (
+                crate::engine::target_pool(&train, None)?,
+                true,
+                format!("{label}, odd half"),
+                name.modality(),
+            )
         }
         (None, Some(path)) => {
             let (data, labelled) = read_samples(path)?;
@@ -376,14 +419,18 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         max_len: zoo.max_len,
     };
     let plan = sweep.plan(&opts.zoo, &opts.data_root, true)?;
-    let indices = draw(&data, labelled, opts.budget, opts.seed)?;
+    let drawn = draw(&data, labelled, opts.budget, opts.seed)?;
+    let (indices, eval_indices) = hold_out(&data, &drawn, labelled, opts.seed)?;
+    let content = &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16];
     let sample = TargetSample {
-        label: format!(
-            "{what} ({} samples, content {})",
-            indices.len(),
-            &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16]
+        label: format!("{what} ({} fitting samples, content {content})", indices.len()),
+        eval_label: format!(
+            "{what} ({} evaluation samples, content {content})",
+            eval_indices.len()
         ),
         indices,
+        eval_indices,
+        eval_data: data.clone(),
         data,
         labelled,
     };

@@ -366,6 +366,69 @@ fn summary_columns(table: &Table) -> Vec<String> {
         .collect()
 }
 
+/// How often each bound is an upper bound of the losses it bounds, and how often h_R's
+/// Lipschitz constraint held: counted over the cells where both numbers exist.
+pub fn validity_markdown(table: &Table) -> String {
+    let mut lines = Vec::new();
+    let losses: Vec<&String> = table
+        .columns
+        .iter()
+        .filter(|c| c.starts_with("loss_"))
+        .collect();
+    for (bound, suffix) in [("bound", ""), ("bound_unlabeled", "_unlabeled")] {
+        if table.column(bound).is_none() {
+            continue;
+        }
+        let mut compared: Vec<(String, &str)> = Vec::new();
+        if suffix.is_empty() && table.column("target_loss").is_some() {
+            compared.push((
+                "the transformed classifier's loss on the target evaluation sample (`target_loss`)"
+                    .into(),
+                "target_loss",
+            ));
+        }
+        for loss in &losses {
+            compared.push((
+                format!("the fine-tuned model's test loss (`{loss}`)"),
+                loss.as_str(),
+            ));
+        }
+        for (what, column) in compared {
+            let (mut held, mut n) = (0, 0);
+            for i in 0..table.rows.len() {
+                let (b, l) = (table.number(i, bound), table.number(i, column));
+                if b.is_finite() && l.is_finite() {
+                    n += 1;
+                    held += usize::from(b >= l);
+                }
+            }
+            if n > 0 {
+                lines.push(format!("- `{bound}` >= {what}: {held} of {n} cells"));
+            }
+        }
+        let flag = format!("lipschitz_holds{suffix}");
+        if table.column(&flag).is_some() {
+            let values: Vec<f64> = (0..table.rows.len())
+                .map(|i| table.number(i, &flag))
+                .filter(|v| v.is_finite())
+                .collect();
+            let broken = values.iter().filter(|&&v| v == 0.0).count();
+            lines.push(format!(
+                "- h_R's two-label gradient norm above 1.2 x the tau target (held-out reference or transformed target points) for `{bound}`: {broken} of {} cells (a warning in each)",
+                values.len()
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "## Validity of the bound\n\nAn upper bound that fails is a finding, not an error: the counts say how often the \
+         bound is above the losses it bounds.\n\n{}\n\n",
+        lines.join("\n")
+    )
+}
+
 /// `summary.md`: the sweep, its cells and its correlations.
 pub fn summary_markdown(
     name: &str,
@@ -398,6 +461,7 @@ pub fn summary_markdown(
         md.push_str(&correlation_markdown(corr));
         md.push('\n');
     }
+    md.push_str(&validity_markdown(table));
     md.push_str("## Cells\n\n");
     let cols = summary_columns(table);
     let _ = writeln!(md, "| {} |", cols.join(" | "));

@@ -16,6 +16,12 @@ pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
     if n < 2 {
         return f64::NAN;
     }
+    // A constant input has no correlation (scipy returns NaN). Its computed mean need not
+    // equal the values exactly, so the deviations below would not all be zero: test first.
+    let constant = |v: &[f64]| v[..n].iter().all(|&a| a == v[0]);
+    if constant(x) || constant(y) {
+        return f64::NAN;
+    }
     let mean = |v: &[f64]| v[..n].iter().sum::<f64>() / n as f64;
     let (mx, my) = (mean(x), mean(y));
     let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
@@ -278,6 +284,18 @@ mod tests {
             close(kendall_tau_b(x, y), k);
             close(weighted_tau(x, y), w);
         }
+    }
+
+    #[test]
+    fn pearson_of_a_constant_input_is_nan_as_in_scipy() {
+        // scipy.stats.pearsonr([0.1] * 3, [1, 2, 3]) -> nan (ConstantInputWarning). The mean
+        // of three 0.1s is 0.10000000000000002, so testing the deviations would miss it.
+        let x = [0.1, 0.1, 0.1];
+        assert_ne!(x.iter().sum::<f64>() / 3.0, 0.1);
+        assert!(pearson(&x, &[1.0, 2.0, 3.0]).is_nan());
+        assert!(pearson(&[1.0, 2.0, 3.0], &x).is_nan());
+        // scipy.stats.pearsonr([0.1, 0.1, 0.2], [1, 2, 3]).statistic = 0.8660254037844386
+        assert!((pearson(&[0.1, 0.1, 0.2], &[1.0, 2.0, 3.0]) - 0.866_025_403_784_438_6).abs() < 1e-12);
     }
 
     #[test]

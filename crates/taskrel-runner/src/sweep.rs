@@ -250,7 +250,11 @@ impl ScoreKind {
                 "wasserstein",
                 "distribution_term",
                 "tau",
+                "tau_reference",
+                "lipschitz_holds",
+                "reference_accuracy",
                 "transformed_accuracy",
+                "target_loss",
             ],
             Self::RelatednessUnlabeled => &[
                 "bound_unlabeled",
@@ -258,6 +262,9 @@ impl ScoreKind {
                 "label_entropy_unlabeled",
                 "wasserstein_unlabeled",
                 "distribution_term_unlabeled",
+                "tau_unlabeled",
+                "tau_reference_unlabeled",
+                "lipschitz_holds_unlabeled",
                 "pseudo_label_accuracy",
             ],
             Self::Logme => &["logme"],
@@ -286,6 +293,7 @@ pub fn higher_is_better(column: &str) -> bool {
             | "wasserstein_unlabeled"
             | "distribution_term"
             | "distribution_term_unlabeled"
+            | "target_loss"
     )
 }
 

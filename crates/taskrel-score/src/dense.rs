@@ -85,6 +85,7 @@ pub(crate) fn gemm_on(
 #[derive(Clone, Debug)]
 pub(crate) struct Adam<T> {
     lr: f64,
+    beta1: f64,
     step: i32,
     m: Vec<T>,
     v: Vec<T>,
@@ -135,8 +136,14 @@ const EPS: f64 = 1e-8;
 impl<T: Real> Adam<T> {
     /// Optimiser state for `len` parameters.
     pub(crate) fn new(len: usize, lr: f64) -> Self {
+        Self::with_beta1(len, lr, BETA1)
+    }
+
+    /// Optimiser state with another first-moment decay (the authors train h_R with 0.5).
+    pub(crate) fn with_beta1(len: usize, lr: f64, beta1: f64) -> Self {
         Self {
             lr,
+            beta1,
             step: 0,
             m: vec![T::default(); len],
             v: vec![T::default(); len],
@@ -153,7 +160,8 @@ impl<T: Real> Adam<T> {
             m: &mut self.m,
             v: &mut self.v,
             lr: T::of(self.lr),
-            c1: T::of(1.0 - BETA1.powi(self.step)),
+            b1: T::of(self.beta1),
+            c1: T::of(1.0 - self.beta1.powi(self.step)),
             c2: T::of(1.0 - BETA2.powi(self.step)),
         };
         pulp::Arch::new().dispatch(update);
@@ -166,6 +174,7 @@ struct AdamUpdate<'a, T> {
     m: &'a mut [T],
     v: &'a mut [T],
     lr: T,
+    b1: T,
     c1: T,
     c2: T,
 }
@@ -176,7 +185,7 @@ impl<T: Real> pulp::NullaryFnOnce for AdamUpdate<'_, T> {
     // Inlined into the dispatcher's target-feature context, where the loop vectorises.
     #[inline(always)]
     fn call(self) {
-        let (b1, b2, eps) = (T::of(BETA1), T::of(BETA2), T::of(EPS));
+        let (b1, b2, eps) = (self.b1, T::of(BETA2), T::of(EPS));
         let one = T::from(1.0);
         for (((p, &g), m), v) in self.theta.iter_mut().zip(self.grad).zip(self.m).zip(self.v) {
             *m = b1 * *m + (one - b1) * g;

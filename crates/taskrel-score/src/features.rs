@@ -79,6 +79,84 @@ impl FeatureSet {
         &self.values[i * self.d..(i + 1) * self.d]
     }
 
+    /// The rows at `indices`, in that order, with their labels; classes and metadata kept.
+    ///
+    /// Fails when an index is out of range.
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.n) {
+            return Err(Error::Invalid(format!(
+                "features: row {bad} out of range for {} rows",
+                self.n
+            )));
+        }
+        let mut values = Vec::with_capacity(indices.len() * self.d);
+        for &i in indices {
+            values.extend_from_slice(self.row(i));
+        }
+        Ok(Self {
+            values,
+            n: indices.len(),
+            d: self.d,
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| indices.iter().map(|&i| l[i]).collect()),
+            classes: self.classes.clone(),
+            metadata: self.metadata.clone(),
+        })
+    }
+
+    /// A seeded split into `(fit, eval)` parts, disjoint and together the whole set: each
+    /// class (the whole set when unlabelled) puts `round(count * eval_fraction)` rows, at least
+    /// one and at most `count - 1`, into the evaluation part. Both parts keep the row order.
+    ///
+    /// Fails when `eval_fraction` is not strictly between 0 and 1 or a class has fewer than
+    /// two rows (it could not appear on both sides).
+    pub fn split(&self, eval_fraction: f64, seed: u64) -> Result<(Self, Self)> {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        if !(eval_fraction > 0.0 && eval_fraction < 1.0) {
+            return Err(Error::Invalid(format!(
+                "features: evaluation fraction must lie strictly between 0 and 1, got {eval_fraction}"
+            )));
+        }
+        let groups: Vec<Vec<usize>> = match &self.labels {
+            Some(labels) => {
+                let k = self.classes.len();
+                let mut m = vec![Vec::new(); k];
+                for (i, &y) in labels.iter().enumerate() {
+                    m[y as usize].push(i);
+                }
+                m.retain(|g| !g.is_empty());
+                m
+            }
+            None => vec![(0..self.n).collect()],
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut is_eval = vec![false; self.n];
+        for mut group in groups {
+            if group.len() < 2 {
+                let class = self
+                    .labels
+                    .as_ref()
+                    .and_then(|l| group.first().map(|&i| l[i]));
+                return Err(Error::Invalid(format!(
+                    "features: {} has {} row(s); splitting into fitting and evaluation samples needs at least two",
+                    class.map_or("the set".to_string(), |c| format!("class {c}")),
+                    group.len()
+                )));
+            }
+            group.shuffle(&mut rng);
+            let n_eval = ((group.len() as f64 * eval_fraction).round() as usize)
+                .clamp(1, group.len() - 1);
+            for &i in &group[..n_eval] {
+                is_eval[i] = true;
+            }
+        }
+        let (eval, fit): (Vec<usize>, Vec<usize>) = (0..self.n).partition(|&i| is_eval[i]);
+        Ok((self.select(&fit)?, self.select(&eval)?))
+    }
+
     /// Writes the set to `path` (via a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |e: &dyn std::fmt::Display| Error::File {

@@ -11,7 +11,7 @@ pub mod ot;
 pub mod relatedness;
 
 pub use features::FeatureSet;
-pub use relatedness::{RelatednessConfig, Report, Solver, Variant, relatedness};
+pub use relatedness::{RelatednessConfig, Report, Samples, Solver, Variant, relatedness};
 
 /// Errors of the score crate.
 #[derive(Debug, thiserror::Error)]
