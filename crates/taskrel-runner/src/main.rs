@@ -132,6 +132,12 @@ enum Command {
         /// Mini-batch size of h_R's training.
         #[arg(long)]
         head_batch_size: Option<usize>,
+        /// Most reference fitting samples h_R is trained on.
+        #[arg(long)]
+        head_samples: Option<usize>,
+        /// Most evaluation samples per class the reported terms are measured on.
+        #[arg(long)]
+        eval_per_class: Option<usize>,
         /// learned_all, learned_a or fixed_all.
         #[arg(long, default_value = "learned_all", value_parser = parse_variant)]
         variant: taskrel_score::Variant,
@@ -365,6 +371,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             head_epochs,
             head_lr,
             head_batch_size,
+            head_samples,
+            eval_per_class,
             variant,
             unlabeled,
             solver,
@@ -391,6 +399,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 head_epochs: head_epochs.unwrap_or(defaults.head_epochs),
                 head_lr: head_lr.unwrap_or(defaults.head_lr),
                 head_batch_size: head_batch_size.unwrap_or(defaults.head_batch_size),
+                head_samples: head_samples.unwrap_or(defaults.head_samples),
+                eval_per_class: eval_per_class.unwrap_or(defaults.eval_per_class),
                 ..defaults
             };
             let files = |fit, eval| relatedness_cmd::TaskFiles { fit, eval };

@@ -501,15 +501,17 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         "zoo": plan.name,
         "target": what,
         "n_target": sample.indices.len(),
+        "n_target_eval": sample.eval_indices.len(),
         "labels_used": labelled,
         "ranked_by": format!("{key} (smaller is better)"),
         "models": ranked,
     });
     let mut md = format!(
-        "Ranking of zoo `{}` for {} ({} samples, target labels {}), by {key} (smaller predicts better transfer)\n\n",
+        "Ranking of zoo `{}` for {} ({} samples fitted on, {} held out for task-relatedness's reported terms; target labels {}), by {key} (smaller predicts better transfer)\n\n",
         plan.name,
         what,
         sample.indices.len(),
+        sample.eval_indices.len(),
         if labelled { "used" } else { "not used" }
     );
     md.push_str(&format!(

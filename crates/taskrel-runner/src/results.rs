@@ -64,6 +64,48 @@ impl Store {
         .with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// Records the rows of a `cells.csv` whose cells have no record yet (a results folder as
+    /// committed keeps `cells.csv` only), so that `--rescore` can update them instead of
+    /// running them again. Returns how many were restored.
+    pub fn restore_from_csv(&self, csv_path: &Path) -> anyhow::Result<usize> {
+        if !csv_path.is_file() {
+            return Ok(0);
+        }
+        let table = Table::read(csv_path)?;
+        let id_col = table
+            .column("cell")
+            .with_context(|| format!("{}: no `cell` column", csv_path.display()))?;
+        let mut restored = 0;
+        for record in &table.rows {
+            let Some(id) = record.get(id_col).filter(|id| !id.is_empty()) else {
+                continue;
+            };
+            if self.is_done(id) {
+                continue;
+            }
+            let row: Row = table
+                .columns
+                .iter()
+                .zip(record)
+                .map(|(name, text)| {
+                    let value = if text.is_empty() {
+                        Value::Null
+                    } else if let Ok(i) = text.parse::<i64>() {
+                        Value::from(i)
+                    } else if let Some(f) = text.parse::<f64>().ok().filter(|f| f.is_finite()) {
+                        Value::from(f)
+                    } else {
+                        Value::String(text.clone())
+                    };
+                    (name.clone(), value)
+                })
+                .collect();
+            self.put(id, &row)?;
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
     /// All finished cells by id.
     pub fn rows(&self) -> anyhow::Result<BTreeMap<String, Row>> {
         let mut rows = BTreeMap::new();

@@ -188,6 +188,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         crate::yaml::to_string(&plan.sweep)?.as_bytes(),
     )?;
     let store = Store::new(&out);
+    if !rescore.is_empty() {
+        let restored = store.restore_from_csv(&out.join(CELLS_CSV))?;
+        if restored > 0 {
+            eprintln!(
+                "{}: {restored} finished cells restored from {CELLS_CSV} for rescoring",
+                plan.name
+            );
+        }
+    }
     let started = now_unix();
     let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
     let columns = plan.columns();

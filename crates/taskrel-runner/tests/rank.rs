@@ -53,7 +53,9 @@ fn unlabeled_usps_ranks_the_usps_cnn_first() {
         &["--target", "usps", "--unlabeled", "--budget", "100"],
     );
     assert_eq!(r["labels_used"], false);
-    assert_eq!(r["n_target"], 100);
+    // 30 % of the 100 drawn samples held out for the reported terms.
+    assert_eq!(r["n_target"], 70);
+    assert_eq!(r["n_target_eval"], 30);
     let models = r["models"].as_array().unwrap();
     assert_eq!(models.len(), 2);
     assert_eq!(models[0]["model"], "ccexam_usps", "{r:#}");
@@ -92,7 +94,12 @@ fn a_folder_of_labelled_images_gets_every_score() {
     }
     let r = rank(tmp.path(), &["--samples", samples.to_str().unwrap()]);
     assert_eq!(r["labels_used"], true);
-    assert_eq!(r["n_target"], 24);
+    // 24 images: per class, 30 % (rounded, at least one) held out.
+    assert_eq!(
+        r["n_target"].as_u64().unwrap() + r["n_target_eval"].as_u64().unwrap(),
+        24
+    );
+    assert!(r["n_target_eval"].as_u64().unwrap() >= 4);
     for m in r["models"].as_array().unwrap() {
         for score in ["bound", "logme", "leep", "nce", "hscore", "knn"] {
             assert!(m[score].as_f64().unwrap().is_finite(), "{score} in {m}");
