@@ -34,11 +34,10 @@ import tensorflow as tf  # noqa: E402
 from scipy.spatial.distance import cdist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_loop import read_features, stratified  # noqa: E402
+from official_loop import learned_all, read_features  # noqa: E402
 
 TAU = 0.2
 PENALTY = 1e10
-BIG = 1e8
 BATCH = 500
 
 
@@ -60,9 +59,8 @@ def main():
     zr, zr_test, zt, zt_test = fr(zr), fr(zr_test), ft(zt), ft(zt_test)
     kr, kt, d = int(yr.max()) + 1, int(yt.max()) + 1, zr.shape[1]
     eye_r, eye_t = np.eye(kr, dtype=np.float32), np.eye(kt, dtype=np.float32)
-    yr1, yr1_test, yt1, yt1_test = eye_r[yr], eye_r[yr_test], eye_t[yt], eye_t[yt_test]
+    yr1, yr1_test, yt1 = eye_r[yr], eye_r[yr_test], eye_t[yt]
     prior_source = np.full(kr, 1.0 / kr, np.float32)
-    prior_target = (np.bincount(yt, minlength=kt) / len(yt)).astype(np.float32)
 
     # --- h_R with the two-label gradient penalty --------------------------------------------
     inputs = tf.keras.layers.Input(shape=(d,))
@@ -105,79 +103,9 @@ def main():
     )
 
     # --- LearnedAll ---------------------------------------------------------------------------
-    a = tf.Variable(tf.eye(d))
-    a_bar = tf.Variable(tf.eye(d))
-    shift = tf.Variable(tf.zeros([d, 1]))
-    b_logits = tf.Variable(tf.random.uniform([kt, kr], 0, 1).numpy())
-    d_logits = tf.Variable(prior_source)
-    optimisers = [tf.keras.optimizers.Adam(1e-2) for _ in range(4)] + [tf.keras.optimizers.Adam(1e-4)]
-    variables = [a, a_bar, shift, b_logits, d_logits]
-
-    def sq_dist(x, y):
-        return (
-            tf.reshape(tf.reduce_sum(x * x, 1), [-1, 1])
-            + tf.reshape(tf.reduce_sum(y * y, 1), [1, -1])
-            - 2.0 * tf.matmul(x, y, transpose_b=True)
-        )
-
-    @tf.function(reduce_retracing=True)
-    def step(src, src_y, trg, trg_y, plan, per_class, per_class_y, count):
-        with tf.GradientTape() as tape:
-            bmat = tf.nn.softmax(b_logits, axis=0)
-            prior = tf.nn.softmax(d_logits)
-            moved = tf.transpose(tf.matmul(a, tf.transpose(src)) + shift)
-            moved_y = tf.matmul(src_y, bmat, transpose_b=True)
-            transport = tf.reduce_sum(plan * (sq_dist(moved, trg) + BIG * sq_dist(moved_y, trg_y)))
-            entropy = -tf.reduce_sum(prior * tf.reduce_sum(bmat * tf.math.log(bmat), axis=0))
-            matching = tf.reduce_sum(tf.square(prior_target - tf.linalg.matvec(bmat, prior)))
-            eye = tf.eye(d)
-            inverse = tf.reduce_sum(tf.square(tf.matmul(a, a_bar) - eye)) + tf.reduce_sum(
-                tf.square(tf.matmul(a_bar, a) - eye)
-            )
-            class_loss = tf.add_n(
-                [
-                    prior[k] / prior_source[k] * tf.reduce_sum(ce(per_class_y[k], head(per_class[k], training=False)))
-                    for k in range(kr)
-                ]
-            ) / tf.cast(count, tf.float32)
-            loss = entropy + class_loss + 2.0 * transport + matching + inverse
-        grads = tape.gradient(loss, variables)
-        for opt, g, v in zip(optimisers, grads, variables):
-            opt.apply_gradients([(g, v)])
-
-    for _ in range(1001):
-        a_np, shift_np = a.numpy(), shift.numpy()
-        bmat = tf.nn.softmax(b_logits, axis=0).numpy()
-        prior = tf.nn.softmax(d_logits).numpy()
-        orig_x, orig_y = stratified(zr, yr1, BATCH, prior_source)
-        src_x, src_y = stratified(zr, yr1, BATCH, prior)
-        trg_x, trg_y = stratified(zt, yt1, BATCH, prior_target)
-        moved = (a_np @ src_x.T + shift_np).T
-        cost = cdist(moved, trg_x, "euclidean") + BIG * cdist(src_y @ bmat.T, trg_y, "euclidean")
-        plan = ot.emd(ot.unif(len(src_x)), ot.unif(len(trg_x)), cost)
-        labels = orig_y.argmax(1)
-        fewest = min(int((labels == k).sum()) for k in range(kr))
-        per_class, per_class_y = [], []
-        for k in range(kr):
-            members = np.flatnonzero(labels == k)
-            np.random.shuffle(members)
-            per_class.append(tf.convert_to_tensor(orig_x[members[:fewest]]))
-            per_class_y.append(tf.convert_to_tensor(orig_y[members[:fewest]]))
-        step(
-            tf.convert_to_tensor(src_x),
-            tf.convert_to_tensor(src_y),
-            tf.convert_to_tensor(trg_x),
-            tf.convert_to_tensor(trg_y),
-            tf.convert_to_tensor(plan, tf.float32),
-            per_class,
-            per_class_y,
-            tf.convert_to_tensor(fewest * kr),
-        )
+    (a_np, a_bar_np, shift_np, bmat, prior), _ = learned_all(zr, yr1, zt, yt1, head, ce, 1001)
 
     # --- The printed terms, on the test features --------------------------------------------
-    a_np, a_bar_np, shift_np = a.numpy(), a_bar.numpy(), shift.numpy()
-    bmat = tf.nn.softmax(b_logits, axis=0).numpy()
-    prior = tf.nn.softmax(d_logits).numpy()
     entropy = float(-np.sum(prior * np.sum(bmat * np.log(bmat), axis=0)))
     back = (a_bar_np @ (zt_test.T - shift_np)).T
     probs = tf.nn.softmax(head(back, training=False)).numpy() @ bmat.T

@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 use taskrel_data::{Dataset, DatasetName};
 use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
-use taskrel_score::{FeatureSet, Samples};
 use taskrel_score::baselines::{self, Matrix};
+use taskrel_score::{FeatureSet, Samples};
 
 use crate::sweep::{Cell, Plan, ScoreKind, Source};
 
@@ -582,7 +582,10 @@ impl<'a> Engine<'a> {
         let (fit_pool, eval_pool) = {
             let classes = target.classes.as_deref();
             let (train_set, test_set) = self.dataset(target.dataset)?;
-            (target_pool(train_set, classes)?, target_pool(test_set, classes)?)
+            (
+                target_pool(train_set, classes)?,
+                target_pool(test_set, classes)?,
+            )
         };
         let per_class = plan.sweep.score.target_per_class;
         let sample = TargetSample {
@@ -696,9 +699,7 @@ impl<'a> Engine<'a> {
             let values = if kind.needs_reference() && ref_feats.is_none() {
                 vec![f64::NAN; kind.columns().len()]
             } else {
-                let reference = ref_feats
-                    .as_ref()
-                    .map(|(fit, eval)| Samples { fit, eval });
+                let reference = ref_feats.as_ref().map(|(fit, eval)| Samples { fit, eval });
                 let target = Samples {
                     fit: &tgt_fit,
                     eval: &tgt_eval,
@@ -756,6 +757,7 @@ fn num(v: Option<f64>) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 mod tests {
     use std::collections::HashSet;
 

@@ -423,7 +423,10 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     let (indices, eval_indices) = hold_out(&data, &drawn, labelled, opts.seed)?;
     let content = &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16];
     let sample = TargetSample {
-        label: format!("{what} ({} fitting samples, content {content})", indices.len()),
+        label: format!(
+            "{what} ({} fitting samples, content {content})",
+            indices.len()
+        ),
         eval_label: format!(
             "{what} ({} evaluation samples, content {content})",
             eval_indices.len()
@@ -469,7 +472,12 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     let mut columns: Vec<String> = vec![key.to_string()];
     for s in &scores {
         for c in s.columns() {
-            if *c != key && !c.ends_with("_unlabeled") && *c != "tau" {
+            // The label-free terms other than tau are in the bound; the Lipschitz flag is in
+            // the verdict.
+            let shown = *c != key
+                && !c.starts_with("lipschitz_holds")
+                && (!c.ends_with("_unlabeled") || c.starts_with("tau"));
+            if shown {
                 columns.push(c.to_string());
             }
         }
@@ -477,6 +485,20 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     // Columns no model has a value for (e.g. pseudo-label agreement without labels) are left out.
     columns.retain(|c| rows.iter().any(|r| value(r, c).is_finite()));
     let calibrated = modality == Modality::Image;
+    let flag = if labelled {
+        "lipschitz_holds"
+    } else {
+        "lipschitz_holds_unlabeled"
+    };
+    // A bound whose Lipschitz constraint failed is not the paper's bound: say so first.
+    let verdict_of = |r: &Row| -> String {
+        let v = verdict(value(r, key), labelled, calibrated);
+        if value(r, flag) == 0.0 {
+            format!("{v}; h_R's Lipschitz constraint does not hold (bound not assured)")
+        } else {
+            v.to_string()
+        }
+    };
     let ranked: Vec<Value> = rows
         .iter()
         .enumerate()
@@ -490,10 +512,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
             for c in &columns {
                 o.insert(c.clone(), r.get(c).cloned().unwrap_or(Value::Null));
             }
-            o.insert(
-                "verdict".into(),
-                json!(verdict(value(r, key), labelled, calibrated)),
-            );
+            o.insert("verdict".into(), json!(verdict_of(r)));
             Value::Object(o)
         })
         .collect();
@@ -539,7 +558,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
             i + 1,
             r.get("model").and_then(Value::as_str).unwrap_or("?"),
             cells.join(" | "),
-            verdict(value(r, key), labelled, calibrated)
+            verdict_of(r)
         ));
     }
     let other: Vec<&String> = columns

@@ -26,13 +26,17 @@ fn load_task(
         Some(path) => {
             let eval = FeatureSet::load(path)
                 .with_context(|| format!("reading {what} evaluation features"))?;
-            let from = format!("{what}: fitted on {}, evaluated on {}", files.fit.display(), path.display());
+            let from = format!(
+                "{what}: fitted on {}, evaluated on {}",
+                files.fit.display(),
+                path.display()
+            );
             Ok((fit, eval, from))
         }
         None => {
-            let (fit_part, eval_part) = fit
-                .split(EVAL_FRACTION, seed)
-                .with_context(|| format!("{}: holding out evaluation samples", files.fit.display()))?;
+            let (fit_part, eval_part) = fit.split(EVAL_FRACTION, seed).with_context(|| {
+                format!("{}: holding out evaluation samples", files.fit.display())
+            })?;
             let from = format!(
                 "{what}: {} split by seed {seed}, {} rows fitted on, {} ({:.0} % per class) held out for evaluation",
                 files.fit.display(),
@@ -56,8 +60,14 @@ pub fn run(
     let (t_fit, t_eval, t_from) = load_task(target, "target", cfg.seed)?;
     let device = taskrel_models::device(device)?;
     let report = taskrel_score::relatedness(
-        Samples { fit: &r_fit, eval: &r_eval },
-        Samples { fit: &t_fit, eval: &t_eval },
+        Samples {
+            fit: &r_fit,
+            eval: &r_eval,
+        },
+        Samples {
+            fit: &t_fit,
+            eval: &t_eval,
+        },
         cfg,
         &device,
     )?;
@@ -104,7 +114,11 @@ pub fn run(
         report.tau,
         report.tau_reference,
         report.tau_target,
-        if report.lipschitz_holds { "holds" } else { "violated" }
+        if report.lipschitz_holds {
+            "holds"
+        } else {
+            "violated"
+        }
     );
     if let (Some(acc), Some(loss)) = (report.target_accuracy, report.target_loss) {
         println!("  transformed classifier on target: accuracy {acc:.4}, loss {loss:.4}");

@@ -180,7 +180,24 @@ fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
             assert_eq!(u["labels_used"]["wasserstein"], false);
             assert!(u["target_accuracy"].is_null());
         }
+        // Without evaluation files, 30 % of each class (18 of 60) is held out and said so.
+        assert_eq!(u["n_reference_eval"], 180);
+        assert_eq!(u["n_target_eval"], 180);
+        let said = u["samples"].to_string();
+        assert!(said.contains("held out for evaluation"), "{said}");
     }
+    // Evaluation samples from files of their own are used whole (600 rows), and said so.
+    let own = score(
+        &usps,
+        &[
+            "--reference-eval",
+            mnist.to_str().unwrap(),
+            "--target-eval",
+            fashion.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(own["n_reference_eval"], 600);
+    assert!(own["samples"].to_string().contains("evaluated on"), "{own}");
 }
 
 #[test]

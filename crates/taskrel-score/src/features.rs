@@ -147,8 +147,8 @@ impl FeatureSet {
                 )));
             }
             group.shuffle(&mut rng);
-            let n_eval = ((group.len() as f64 * eval_fraction).round() as usize)
-                .clamp(1, group.len() - 1);
+            let n_eval =
+                ((group.len() as f64 * eval_fraction).round() as usize).clamp(1, group.len() - 1);
             for &i in &group[..n_eval] {
                 is_eval[i] = true;
             }

@@ -546,13 +546,23 @@ fn class_count(set: &FeatureSet, labels: &[u32]) -> usize {
 
 /// Up to `per_class` rows of each class of `labels` (all rows, as one class, when `None`),
 /// drawn without replacement, grouped by class.
-fn eval_rows(labels: Option<&[u32]>, n: usize, k: usize, per_class: usize, seed: u64) -> Vec<usize> {
+fn eval_rows(
+    labels: Option<&[u32]>,
+    n: usize,
+    k: usize,
+    per_class: usize,
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let pools = match labels {
         Some(l) => members(l, k),
         None => vec![(0..n).collect()],
     };
-    let cap = if labels.is_some() { per_class } else { per_class * k };
+    let cap = if labels.is_some() {
+        per_class
+    } else {
+        per_class * k
+    };
     let mut out = Vec::new();
     for pool in &pools {
         draw(pool, pool.len().min(cap), &mut rng, &mut out);
@@ -599,14 +609,20 @@ fn check_inputs(
             return Err(Error::Invalid(format!("{what} features have no samples")));
         }
     }
-    if cfg.batch_size == 0 || cfg.eval_per_class == 0 || cfg.iterations == 0 && cfg.variant != Variant::FixedAll {
+    if cfg.batch_size == 0
+        || cfg.eval_per_class == 0
+        || cfg.iterations == 0 && cfg.variant != Variant::FixedAll
+    {
         return Err(Error::Invalid(format!(
             "batch_size ({}), eval_per_class ({}) and iterations ({}) must be positive",
             cfg.batch_size, cfg.eval_per_class, cfg.iterations
         )));
     }
     if !(cfg.tau > 0.0 && cfg.tau.is_finite()) {
-        return Err(Error::Invalid(format!("tau must be positive and finite, got {}", cfg.tau)));
+        return Err(Error::Invalid(format!(
+            "tau must be positive and finite, got {}",
+            cfg.tau
+        )));
     }
     let need_labels = |set: &'_ FeatureSet, what: &str| {
         set.labels.clone().ok_or_else(|| {
@@ -617,14 +633,19 @@ fn check_inputs(
     };
     let ref_labels = need_labels(reference.fit, "reference fitting")?;
     let ref_eval_labels = need_labels(reference.eval, "reference evaluation")?;
-    let k_r = class_count(reference.fit, &ref_labels).max(class_count(reference.eval, &ref_eval_labels));
+    let k_r =
+        class_count(reference.fit, &ref_labels).max(class_count(reference.eval, &ref_eval_labels));
     let ref_members = members(&ref_labels, k_r);
     let eval_counts = members(&ref_eval_labels, k_r);
     for (what, m) in [("fitting", &ref_members), ("evaluation", &eval_counts)] {
         if let Some(empty) = m.iter().position(Vec::is_empty) {
             return Err(Error::Invalid(format!(
                 "reference class {empty} ({}) has no {what} samples; drop it or sample every class",
-                reference.fit.classes.get(empty).map_or("unnamed", String::as_str)
+                reference
+                    .fit
+                    .classes
+                    .get(empty)
+                    .map_or("unnamed", String::as_str)
             )));
         }
     }
@@ -695,7 +716,13 @@ fn check_inputs(
         )));
     }
     let held = |set: &FeatureSet, scaler: &Scaler, labels: Option<&[u32]>, k: usize, salt: u64| {
-        let rows_kept = eval_rows(labels, set.n, k, cfg.eval_per_class, cfg.seed.wrapping_add(salt));
+        let rows_kept = eval_rows(
+            labels,
+            set.n,
+            k,
+            cfg.eval_per_class,
+            cfg.seed.wrapping_add(salt),
+        );
         let z = scaler.apply(set);
         let pick = |l: &[u32]| rows_kept.iter().map(|&i| l[i]).collect::<Vec<u32>>();
         Held {
@@ -704,14 +731,37 @@ fn check_inputs(
             // Agreement is only meaningful when the label sets can coincide.
             hidden: match labels {
                 Some(_) => None,
-                None => set.labels.as_deref().filter(|_| set.classes.len() == k_r).map(pick),
+                None => set
+                    .labels
+                    .as_deref()
+                    .filter(|_| set.classes.len() == k_r)
+                    .map(pick),
             },
             n: rows_kept.len(),
         }
     };
-    let r_eval = held(reference.eval, &r_scaler, Some(&ref_eval_labels), k_r, 0x5eed);
-    let t_eval = held(target.eval, &t_scaler, t_eval_labels.as_deref(), t.k.max(k_r), 0x7e57);
-    Ok(Inputs { r, t, r_eval, t_eval, labelled, d })
+    let r_eval = held(
+        reference.eval,
+        &r_scaler,
+        Some(&ref_eval_labels),
+        k_r,
+        0x5eed,
+    );
+    let t_eval = held(
+        target.eval,
+        &t_scaler,
+        t_eval_labels.as_deref(),
+        t.k.max(k_r),
+        0x7e57,
+    );
+    Ok(Inputs {
+        r,
+        t,
+        r_eval,
+        t_eval,
+        labelled,
+        d,
+    })
 }
 
 /// What h_R gives on the held-out reference sample.
@@ -880,7 +930,9 @@ fn learn(
         let moved = x.apply(&zr, d);
         let b_now = x.label_map();
         let t_solve = Instant::now();
-        let plan = batch_plan(r, t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, blocks)?;
+        let plan = batch_plan(
+            r, t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, blocks,
+        )?;
         transport_seconds += t_solve.elapsed().as_secs_f64();
         if plan.is_empty() {
             continue;
@@ -1085,17 +1137,14 @@ fn final_terms(
                     *v /= sent[j].max(1e-300);
                 }
             }
-            let agreement = t_eval
-                .hidden
-                .as_ref()
-                .map(|labels| {
-                    labels
-                        .iter()
-                        .zip(&pseudo)
-                        .filter(|(y, p)| **y as usize == **p)
-                        .count() as f64
-                        / t_eval.n as f64
-                });
+            let agreement = t_eval.hidden.as_ref().map(|labels| {
+                labels
+                    .iter()
+                    .zip(&pseudo)
+                    .filter(|(y, p)| **y as usize == **p)
+                    .count() as f64
+                    / t_eval.n as f64
+            });
             (map, cost, agreement)
         }
     };
@@ -1116,7 +1165,13 @@ fn final_terms(
     // make most likely for that target class, which is the same class when B is the identity
     // and also defined when the label sets differ. Without labels: h_R's own prediction.
     let ref_class_of: Vec<usize> = (0..label_map.len())
-        .map(|k| argmax(&(0..r.k).map(|j| label_map[k][j] * prior[j]).collect::<Vec<f64>>()))
+        .map(|k| {
+            argmax(
+                &(0..r.k)
+                    .map(|j| label_map[k][j] * prior[j])
+                    .collect::<Vec<f64>>(),
+            )
+        })
         .collect();
     let mut random = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(0x7a0));
     let mut tau = 0f64;
@@ -1676,49 +1731,62 @@ mod tests {
     }
 
     #[test]
-    fn label_free_target_batches_hold_m_points() {
+    fn label_free_target_batches_hold_m_points() -> crate::Result<()> {
         // 3 reference classes of 40, 90 target points whose labels are ignored, M = 60.
         let mut rng = crate::dense::Lcg(3);
         let mut set = |n: usize, labels: Option<Vec<u32>>| {
             let values = (0..n * 4).map(|_| rng.next() as f32).collect();
             let classes = (0..3).map(|c| format!("c{c}")).collect();
-            FeatureSet::new(values, n, 4, labels, classes, Default::default()).unwrap()
+            FeatureSet::new(values, n, 4, labels, classes, Default::default())
         };
         let labels = |n: usize| Some((0..n).map(|i| (i % 3) as u32).collect::<Vec<u32>>());
-        let (r_fit, r_eval) = (set(120, labels(120)), set(30, labels(30)));
-        let (t_fit, t_eval) = (set(90, labels(90)), set(30, labels(30)));
+        let (r_fit, r_eval) = (set(120, labels(120))?, set(30, labels(30))?);
+        let (t_fit, t_eval) = (set(90, labels(90))?, set(30, labels(30))?);
         let cfg = RelatednessConfig {
             unlabeled: true,
             batch_size: 60,
             ..Default::default()
         };
         let inputs = check_inputs(
-            Samples { fit: &r_fit, eval: &r_eval },
-            Samples { fit: &t_fit, eval: &t_eval },
+            Samples {
+                fit: &r_fit,
+                eval: &r_eval,
+            },
+            Samples {
+                fit: &t_fit,
+                eval: &t_eval,
+            },
             &cfg,
             &mut Vec::new(),
-        )
-        .unwrap();
+        )?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (ri, ti) =
-            draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng).unwrap();
+        let (ri, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng)?;
         assert_eq!(ri.len(), 60);
         // M points, not floor(M / K_R) = 20.
         assert_eq!(ti.len(), 60);
         let distinct: std::collections::BTreeSet<usize> = ti.iter().copied().collect();
         assert_eq!(distinct.len(), 60, "drawn without replacement");
         // With labels, one batch of floor(M p_T,k) per class.
-        let labelled = RelatednessConfig { unlabeled: false, ..cfg };
+        let labelled = RelatednessConfig {
+            unlabeled: false,
+            ..cfg
+        };
         let inputs = check_inputs(
-            Samples { fit: &r_fit, eval: &r_eval },
-            Samples { fit: &t_fit, eval: &t_eval },
+            Samples {
+                fit: &r_fit,
+                eval: &r_eval,
+            },
+            Samples {
+                fit: &t_fit,
+                eval: &t_eval,
+            },
             &labelled,
             &mut Vec::new(),
-        )
-        .unwrap();
-        let (_, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng).unwrap();
+        )?;
+        let (_, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng)?;
         assert_eq!(ti.len(), 60);
         assert!(ti.iter().all(|&i| i < 90));
+        Ok(())
     }
 
     #[test]

@@ -243,7 +243,15 @@ mod relatedness {
     /// Column j's argmax: the target class reference class j is mapped to.
     fn assignment(report: &Report) -> Vec<usize> {
         (0..report.label_map[0].len())
-            .map(|j| argmax(&report.label_map.iter().map(|row| row[j]).collect::<Vec<_>>()))
+            .map(|j| {
+                argmax(
+                    &report
+                        .label_map
+                        .iter()
+                        .map(|row| row[j])
+                        .collect::<Vec<_>>(),
+                )
+            })
             .collect()
     }
 
@@ -305,9 +313,20 @@ mod relatedness {
         // Held-out two-label gradient norms within 1.2 x tau (the authors' runs: 0.208-0.235
         // for 0.2), with h_R still accurate.
         assert!(report.lipschitz_holds, "{report:?}");
-        assert!(report.tau_reference <= 0.24 && report.tau <= 0.24, "{report:?}");
-        assert!(report.tau_reference > 0.1, "the constraint binds: {}", report.tau_reference);
-        assert!(report.reference_accuracy > 0.95, "{}", report.reference_accuracy);
+        assert!(
+            report.tau_reference <= 0.24 && report.tau <= 0.24,
+            "{report:?}"
+        );
+        assert!(
+            report.tau_reference > 0.1,
+            "the constraint binds: {}",
+            report.tau_reference
+        );
+        assert!(
+            report.reference_accuracy > 0.95,
+            "{}",
+            report.reference_accuracy
+        );
         assert_eq!(report.n_reference_eval, 200);
         assert_eq!(report.n_target_eval, 200);
         // Without the penalty the head is confident and its held-out norm far above tau.
@@ -322,7 +341,11 @@ mod relatedness {
         );
         assert!(free.tau_reference > 0.5, "{}", free.tau_reference);
         assert!(!free.lipschitz_holds);
-        assert!(free.warnings.iter().any(|w| w.contains("Lipschitz constraint does not hold")));
+        assert!(
+            free.warnings
+                .iter()
+                .any(|w| w.contains("Lipschitz constraint does not hold"))
+        );
     }
 
     #[test]
@@ -340,7 +363,10 @@ mod relatedness {
         assert_eq!(base.label_map, moved.label_map);
         assert_eq!(base.prior, moved.prior);
         assert_ne!(base.wasserstein, moved.wasserstein);
-        assert_eq!(base.reference_loss, moved.reference_loss, "same reference samples");
+        assert_eq!(
+            base.reference_loss, moved.reference_loss,
+            "same reference samples"
+        );
         // Another reference evaluation sample changes the reference loss, not the fit.
         let other_ref = Task {
             fit: r.fit.clone(),
@@ -357,7 +383,9 @@ mod relatedness {
         let (fit, eval) = set.split(0.3, 9).unwrap();
         assert_eq!((fit.n, eval.n), (28, 12), "3 of 10 per class held out");
         let rows = |s: &FeatureSet| -> Vec<Vec<u32>> {
-            (0..s.n).map(|i| s.row(i).iter().map(|v| v.to_bits()).collect()).collect()
+            (0..s.n)
+                .map(|i| s.row(i).iter().map(|v| v.to_bits()).collect())
+                .collect()
         };
         let (a, b) = (rows(&fit), rows(&eval));
         assert!(a.iter().all(|x| !b.contains(x)), "no row on both sides");
@@ -404,10 +432,25 @@ mod relatedness {
                 label_map_init: LabelMapInit::Random,
                 ..quick()
             };
-            let start = run(&r, &permuted, &RelatednessConfig { iterations: 1, ..cfg.clone() });
+            let start = run(
+                &r,
+                &permuted,
+                &RelatednessConfig {
+                    iterations: 1,
+                    ..cfg.clone()
+                },
+            );
             let end = run(&r, &permuted, &cfg);
-            assert_ne!(assignment(&start), vec![2, 0, 3, 1], "{solver:?}: the start is away");
-            assert_ne!(assignment(&end), vec![2, 0, 3, 1], "{solver:?}: not reached");
+            assert_ne!(
+                assignment(&start),
+                vec![2, 0, 3, 1],
+                "{solver:?}: the start is away"
+            );
+            assert_ne!(
+                assignment(&end),
+                vec![2, 0, 3, 1],
+                "{solver:?}: not reached"
+            );
             if solver == taskrel_score::Solver::BlockEmd {
                 assert_eq!(assignment(&end), assignment(&start), "B's argmax stays");
             }
@@ -479,8 +522,15 @@ mod relatedness {
         );
         // Unlabelled targets work without any labels at all.
         let strip = |s: &FeatureSet| {
-            FeatureSet::new(s.values.clone(), s.n, s.d, None, Vec::new(), Default::default())
-                .unwrap()
+            FeatureSet::new(
+                s.values.clone(),
+                s.n,
+                s.d,
+                None,
+                Vec::new(),
+                Default::default(),
+            )
+            .unwrap()
         };
         let bare = Task {
             fit: strip(&t.fit),
@@ -512,7 +562,10 @@ mod relatedness {
         assert_eq!(run(&r, &three, &quick()).label_map.len(), 3);
         let wide = task(4, 9, 20, 3, &IDENTITY);
         let err = try_run(&r, &wide, &quick()).unwrap_err().to_string();
-        assert!(err.contains("8 dimensions, target fitting features 9"), "{err}");
+        assert!(
+            err.contains("8 dimensions, target fitting features 9"),
+            "{err}"
+        );
         let mut gap = task(4, 8, 20, 2, &IDENTITY);
         gap.fit.classes.push("empty".into());
         let err = try_run(&gap, &r, &quick()).unwrap_err().to_string();
@@ -522,7 +575,9 @@ mod relatedness {
         );
         let mut unlabelled_eval = task(4, 8, 20, 3, &IDENTITY);
         unlabelled_eval.eval.labels = None;
-        let err = try_run(&r, &unlabelled_eval, &quick()).unwrap_err().to_string();
+        let err = try_run(&r, &unlabelled_eval, &quick())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("evaluation features are not"), "{err}");
     }
 }
