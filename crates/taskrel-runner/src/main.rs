@@ -145,7 +145,7 @@ enum Command {
         #[arg(long)]
         unlabeled: bool,
         /// emd, block_emd or sinkhorn.
-        #[arg(long, default_value = "block_emd", value_parser = parse_solver)]
+        #[arg(long, default_value = "emd", value_parser = parse_solver)]
         solver: taskrel_score::Solver,
         /// Alternating iterations.
         #[arg(long, default_value_t = 1001)]
