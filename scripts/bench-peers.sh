@@ -9,6 +9,14 @@
 #   scripts/bench-peers.sh loop REF.st TGT.st [RUNS]
 #                                              the official LearnedAll loop (TensorFlow + POT)
 #                                              vs taskrel relatedness, alternating RUNS times
+#   scripts/bench-peers.sh transfer DIR [RUNS]   the authors' whole small-scale transfer
+#                                              (h_R, LearnedAll, the printed terms) beside
+#                                              taskrel relatedness on the same features: a
+#                                              lenet200 trained on MNIST (30 epochs, batch 256,
+#                                              Adam 1e-3), reference MNIST, targets USPS and
+#                                              Fashion-MNIST, train splits fitted on, test
+#                                              splits reported on; one JSON line per run in
+#                                              DIR/runs.jsonl (experiments/004)
 set -euo pipefail
 VENV="${TASKREL_BENCH_VENV:-${TMPDIR:-/tmp}/taskrel-bench-venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -31,5 +39,22 @@ case "${1:-}" in
       /usr/bin/time -f "run $run official loop: %e s wall (with the TensorFlow import), %M KB peak" \
         "$VENV/bin/python" scripts/bench/official_loop.py "$2" "$3" 2>&1 | grep -v -e oneDNN -e absl
     done ;;
-  *) echo "usage: scripts/bench-peers.sh emd [SIZES] | features DIR | loop REF TGT [RUNS]" >&2; exit 2 ;;
+  transfer)
+    D="$2"; mkdir -p "$D"
+    [ -f "$D/lenet/taskrel.json" ] || "$TASKREL" train --model lenet200 --dataset mnist --epochs 30 \
+      --batch-size 256 --lr 0.001 --seed 0 --quiet --out "$D/lenet"
+    for ds in mnist fashion_mnist usps; do for split in train test; do
+      [ -f "$D/$ds-$split.st" ] || "$TASKREL" features --model "$D/lenet" --dataset "$ds" \
+        --split "$split" --quiet --out "$D/$ds-$split.st"
+    done; done
+    for run in $(seq "${3:-3}"); do for tg in usps fashion_mnist; do
+      feats=("$D/mnist-train.st" "$D/mnist-test.st" "$D/$tg-train.st" "$D/$tg-test.st")
+      echo "{\"implementation\": \"official\", \"target\": \"$tg\", \"run\": $run, \"report\": $(
+        "$VENV/bin/python" scripts/bench/official_transfer.py "${feats[@]}" $((2022 + run)) 2>/dev/null | tail -1)}" >> "$D/runs.jsonl"
+      echo "{\"implementation\": \"taskrel\", \"target\": \"$tg\", \"run\": $run, \"report\": $(
+        "$TASKREL" relatedness --reference "${feats[0]}" --reference-eval "${feats[1]}" \
+          --target "${feats[2]}" --target-eval "${feats[3]}" --eval-per-class 10000 \
+          --seed $((run - 1)) --json | tr -d '\n')}" >> "$D/runs.jsonl"
+    done; done ;;
+  *) echo "usage: scripts/bench-peers.sh emd [SIZES] | features DIR | loop REF TGT [RUNS] | transfer DIR [RUNS]" >&2; exit 2 ;;
 esac
