@@ -456,7 +456,7 @@ pub fn validity_markdown(table: &Table) -> String {
                 .collect();
             let broken = values.iter().filter(|&&v| v == 0.0).count();
             lines.push(format!(
-                "- h_R's two-label gradient norm above 1.2 x the tau target (held-out reference or transformed target points) for `{bound}`: {broken} of {} cells (a warning in each)",
+                "- h_R's two-label gradient norm above 1.2 x the tau target (held-out reference or transformed target points) for `{bound}`: {broken} of {} cells (each such cell's report carries a warning)",
                 values.len()
             ));
         }

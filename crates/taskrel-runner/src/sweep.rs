@@ -653,7 +653,11 @@ impl Sweep {
         }
         let mut correlations = Vec::new();
         for c in &self.correlations {
-            let columns: Vec<&str> = scores.iter().map(|k| k.columns()[0]).collect();
+            // A score, or one of the terms it writes (e.g. `wasserstein` alone).
+            let columns: Vec<&str> = scores
+                .iter()
+                .flat_map(|k| k.columns().iter().copied())
+                .collect();
             if !columns.contains(&c.score.value.as_str()) {
                 return Err(at(
                     path,
