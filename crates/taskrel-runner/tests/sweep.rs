@@ -153,6 +153,16 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     let rescored = run_smoke(&results, &cache, &["--rescore", "relatedness_unlabeled"]);
     assert!(String::from_utf8_lossy(&rescored.stdout).contains("(5 rescored)"));
     assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
+    // A results folder as committed keeps cells.csv only: --rescore restores the finished
+    // cells from it instead of running them again.
+    std::fs::remove_dir_all(out.join("cells")).unwrap();
+    let restored = run_smoke(&results, &cache, &["--rescore", "relatedness_unlabeled"]);
+    assert!(String::from_utf8_lossy(&restored.stderr).contains("5 finished cells restored"));
+    assert!(
+        String::from_utf8_lossy(&restored.stdout)
+            .contains("0 cells run, 5 already done (5 rescored)")
+    );
+    assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
     let bad = command(&["run", &smoke(), "--results", results.to_str().unwrap()])
         .args(["--rescore", "logme"])
         .output()
