@@ -441,10 +441,7 @@ impl<'a> Engine<'a> {
                 cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
                 let r = taskrel_score::relatedness(
                     reference_of("task-relatedness")?,
-                    Samples {
-                        fit: target,
-                        eval: target_eval,
-                    },
+                    Samples::new(target, target_eval),
                     &cfg,
                     &self.device,
                 )?;
@@ -699,11 +696,10 @@ impl<'a> Engine<'a> {
             let values = if kind.needs_reference() && ref_feats.is_none() {
                 vec![f64::NAN; kind.columns().len()]
             } else {
-                let reference = ref_feats.as_ref().map(|(fit, eval)| Samples { fit, eval });
-                let target = Samples {
-                    fit: &tgt_fit,
-                    eval: &tgt_eval,
-                };
+                let reference = ref_feats
+                    .as_ref()
+                    .map(|(fit, eval)| Samples::new(fit, eval));
+                let target = Samples::new(&tgt_fit, &tgt_eval);
                 self.score(kind, cell.seed, &model, reference, target)?
             };
             for (col, v) in kind.columns().iter().zip(values) {

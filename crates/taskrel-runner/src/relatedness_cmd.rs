@@ -60,14 +60,8 @@ pub fn run(
     let (t_fit, t_eval, t_from) = load_task(target, "target", cfg.seed)?;
     let device = taskrel_models::device(device)?;
     let report = taskrel_score::relatedness(
-        Samples {
-            fit: &r_fit,
-            eval: &r_eval,
-        },
-        Samples {
-            fit: &t_fit,
-            eval: &t_eval,
-        },
+        Samples::new(&r_fit, &r_eval),
+        Samples::new(&t_fit, &t_eval),
         cfg,
         &device,
     )?;

@@ -281,6 +281,13 @@ pub struct Samples<'a> {
     pub eval: &'a FeatureSet,
 }
 
+impl<'a> Samples<'a> {
+    /// Fitting and evaluation samples of one task.
+    pub fn new(fit: &'a FeatureSet, eval: &'a FeatureSet) -> Self {
+        Self { fit, eval }
+    }
+}
+
 /// Which terms were computed with target labels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelsUsed {
@@ -1760,14 +1767,8 @@ mod tests {
             ..Default::default()
         };
         let inputs = check_inputs(
-            Samples {
-                fit: &r_fit,
-                eval: &r_eval,
-            },
-            Samples {
-                fit: &t_fit,
-                eval: &t_eval,
-            },
+            Samples::new(&r_fit, &r_eval),
+            Samples::new(&t_fit, &t_eval),
             &cfg,
             &mut Vec::new(),
         )?;
@@ -1784,14 +1785,8 @@ mod tests {
             ..cfg
         };
         let inputs = check_inputs(
-            Samples {
-                fit: &r_fit,
-                eval: &r_eval,
-            },
-            Samples {
-                fit: &t_fit,
-                eval: &t_eval,
-            },
+            Samples::new(&r_fit, &r_eval),
+            Samples::new(&t_fit, &t_eval),
             &labelled,
             &mut Vec::new(),
         )?;

@@ -209,10 +209,7 @@ mod relatedness {
     }
 
     fn samples(t: &Task) -> Samples<'_> {
-        Samples {
-            fit: &t.fit,
-            eval: &t.eval,
-        }
+        Samples::new(&t.fit, &t.eval)
     }
 
     fn quick() -> RelatednessConfig {
