@@ -190,16 +190,6 @@ pub enum LabelMapInit {
     Random,
 }
 
-impl LabelMapInit {
-    /// Snake-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Transport => "transport",
-            Self::Random => "random",
-        }
-    }
-}
-
 /// Settings of the estimator; the defaults are the authors' small-scale settings except where
 /// the module documentation lists a measured deviation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -899,22 +889,19 @@ fn learn(
     let (r, t, d, labelled) = (&inputs.r, &inputs.t, inputs.d, inputs.labelled);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let learn_b = labelled && cfg.variant == Variant::LearnedAll;
-    let b_init = if !learn_b {
-        identity(t.k, r.k)
+    let mut x = if !learn_b {
+        Transform::identity(d, &identity(t.k, r.k), &r.prior)
     } else if cfg.label_map_init == LabelMapInit::Random {
-        (0..t.k)
-            .map(|_| (0..r.k).map(|_| rng.random::<f64>()).collect())
-            .collect()
-    } else {
-        initial_label_map(r, t, d, cfg, &mut rng, blocks)?
-    };
-    let mut x = if learn_b && cfg.label_map_init == LabelMapInit::Random {
         // The draws are the logits themselves, as in the authors' code.
         let mut x = Transform::identity(d, &identity(t.k, r.k), &r.prior);
-        x.b_logits = b_init.iter().flatten().copied().collect();
+        x.b_logits = (0..t.k * r.k).map(|_| rng.random::<f64>()).collect();
         x
     } else {
-        Transform::identity(d, &b_init, &r.prior)
+        Transform::identity(
+            d,
+            &initial_label_map(r, t, d, cfg, &mut rng, blocks)?,
+            &r.prior,
+        )
     };
     let terms = LabelTerms {
         class_loss,
@@ -1766,12 +1753,15 @@ mod tests {
             batch_size: 60,
             ..Default::default()
         };
-        let inputs = check_inputs(
-            Samples::new(&r_fit, &r_eval),
-            Samples::new(&t_fit, &t_eval),
-            &cfg,
-            &mut Vec::new(),
-        )?;
+        let inputs_for = |cfg: &RelatednessConfig| {
+            check_inputs(
+                Samples::new(&r_fit, &r_eval),
+                Samples::new(&t_fit, &t_eval),
+                cfg,
+                &mut Vec::new(),
+            )
+        };
+        let inputs = inputs_for(&cfg)?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let (ri, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng)?;
         assert_eq!(ri.len(), 60);
@@ -1784,12 +1774,7 @@ mod tests {
             unlabeled: false,
             ..cfg
         };
-        let inputs = check_inputs(
-            Samples::new(&r_fit, &r_eval),
-            Samples::new(&t_fit, &t_eval),
-            &labelled,
-            &mut Vec::new(),
-        )?;
+        let inputs = inputs_for(&labelled)?;
         let (_, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng)?;
         assert_eq!(ti.len(), 60);
         assert!(ti.iter().all(|&i| i < 90));
