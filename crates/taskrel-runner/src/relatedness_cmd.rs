@@ -64,7 +64,14 @@ pub fn run(
         Samples::new(&t_fit, &t_eval),
         cfg,
         &device,
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "task-relatedness of reference {} against target {}",
+            reference.fit.display(),
+            target.fit.display()
+        )
+    })?;
     if json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(obj) = value.as_object_mut() {
