@@ -43,7 +43,11 @@
 //! with `Lbar_R,j` here on the fitting sample (the authors: training batches).
 //!
 //! Plans (`Solver`): `emd` (default) solves one exact problem on the cost `||A z_i + b -
-//! z'_l|| + lambda ||B y_i - y'_l||` (lambda = 1e8, the authors' formulation); `block_emd`
+//! z'_l|| + lambda ||B y_i - y'_l||` (lambda = 1e8, the authors' formulation), by
+//! `ot::emd_labelled`: the same optimal plan as the dense network simplex, with the Euclidean
+//! costs computed and priced only for the class pairs the class-level plan uses and any other
+//! pair whose lower bound on its reduced costs is negative (on the loop benchmark 19 of 100
+//! pairs, nothing added, 3.8 ms per plan against 6.7 ms dense); `block_emd`
 //! uses the class structure that huge lambda imposes: each reference point goes to its
 //! class's target class `argmax_k B_k,y`, and one exact problem per target class is solved
 //! with uniform weights inside the class, blocks weighted by the target class mass. That is
@@ -1302,28 +1306,31 @@ fn batch_plan(
     );
     match cfg.solver {
         Solver::Emd => {
-            // One problem with the huge label cost ||B y_i - e_{y'_l}||.
-            let label_cost: Vec<Vec<f64>> = (0..r.k)
-                .map(|j| {
-                    (0..t.k)
-                        .map(|k| {
-                            (0..t.k)
-                                .map(|q| (b[q * r.k + j] - f64::from(u8::from(q == k))).powi(2))
-                                .sum::<f64>()
-                                .sqrt()
-                        })
-                        .collect()
+            // One problem with the huge label cost ||B y_i - e_{y'_l}||, solved without
+            // computing the arcs of class pairs that cannot carry mass (ot::emd_labelled).
+            let label_cost: Vec<f64> = (0..r.k)
+                .flat_map(|j| {
+                    (0..t.k).map(move |k| {
+                        (0..t.k)
+                            .map(|q| (b[q * r.k + j] - f64::from(u8::from(q == k))).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    })
                 })
                 .collect();
-            let mut cost = ot::euclidean(moved, zt, d);
-            let m = ti.len();
-            for (p, &i) in ri.iter().enumerate() {
-                for (q, &l) in ti.iter().enumerate() {
-                    cost[p * m + q] +=
-                        cfg.label_weight * label_cost[rl[i] as usize][tl[l] as usize];
-                }
-            }
-            let plan = ot::emd(&ot::uniform(ri.len()), &ot::uniform(m), &cost)?;
+            let x_classes: Vec<u32> = ri.iter().map(|&i| rl[i]).collect();
+            let y_classes: Vec<u32> = ti.iter().map(|&l| tl[l]).collect();
+            let problem = ot::Labelled {
+                x: moved,
+                y: zt,
+                dim: d,
+                x_classes: &x_classes,
+                y_classes: &y_classes,
+                label_cost: &label_cost,
+                y_class_count: t.k,
+                weight: cfg.label_weight,
+            };
+            let plan = ot::emd_labelled(&ot::uniform(ri.len()), &ot::uniform(ti.len()), &problem)?;
             Ok(plan
                 .flows
                 .into_iter()

@@ -17,6 +17,17 @@
 //! choose exactly the arc an ordered scan would), the cycle is found by
 //! walking both ends up to their common ancestor, and the detached subtree is re-rooted at the
 //! entering arc with its potentials shifted by the entering reduced cost.
+//!
+//! [`emd_labelled`] solves the problem task-relatedness poses, a Euclidean cost plus a large
+//! weight times a cost between class labels, without pricing (or computing) most of its arcs:
+//! the class pairs an optimal plan can use come from the small problem between the classes'
+//! masses; only their arcs are priced, and when no priced arc improves, every other class
+//! pair is checked against a lower bound on its reduced costs (its label cost, the Euclidean
+//! part being at least 0) and joins the priced arcs only when the bound does not clear it. It
+//! stops only when every arc of the whole problem has a reduced cost above `-eps`, so the plan
+//! is optimal for the whole problem, as [`emd`]'s is.
+
+use std::borrow::Cow;
 
 use crate::{Error, Result};
 
@@ -95,16 +106,329 @@ pub fn emd(a: &[f64], b: &[f64], cost: &[f64]) -> Result<Plan> {
         )));
     }
     let b: Vec<f64> = b.iter().map(|x| x * sa / sb).collect();
-    let mut s = Simplex::new(n, m, cost);
-    s.north_west_corner(a, &b);
-    s.solve();
+    let runs: Vec<Run> = (0..n).map(|i| (i, 0, m)).collect();
+    let order = nearest_neighbour_order(cost, n, m);
+    let tree = staircase(a, &b, &order);
+    let scale = cost.iter().fold(0.0f64, |acc, c| acc.max(c.abs()));
+    let mut s = Simplex::new(n, m, Cow::Borrowed(cost), scale);
+    s.set_tree(&tree);
+    s.solve(&runs);
     Ok(s.plan())
+}
+
+/// A transport problem between labelled point clouds whose cost between `x_i` (class `c_i`)
+/// and `y_l` (class `c'_l`) is `||x_i - y_l|| + weight * label_cost[c_i, c'_l]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Labelled<'a> {
+    /// Points `(n, dim)`, row-major.
+    pub x: &'a [f32],
+    /// Points `(m, dim)`, row-major.
+    pub y: &'a [f32],
+    pub dim: usize,
+    /// Class of each row of `x`, below `label_cost`'s row count.
+    pub x_classes: &'a [u32],
+    /// Class of each row of `y`, below `label_cost`'s column count.
+    pub y_classes: &'a [u32],
+    /// `(x classes, y classes)` row-major.
+    pub label_cost: &'a [f64],
+    pub y_class_count: usize,
+    pub weight: f64,
+}
+
+/// Solves the transportation problem of [`Labelled`] exactly, as [`emd`] does on the dense cost
+/// matrix, computing the Euclidean part only for the class pairs it has to (module docs).
+pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
+    let (n, m, d) = (a.len(), b.len(), p.dim.max(1));
+    let (sa, sb) = check_marginals(a, b)?;
+    let ky = p.y_class_count.max(1);
+    let kx = p.label_cost.len() / ky;
+    let invalid = |what: String| Err(Error::Invalid(format!("optimal transport: {what}")));
+    if p.label_cost.len() != kx * ky || kx == 0 {
+        return invalid(format!(
+            "label cost has {} entries, not a multiple of {ky} target classes",
+            p.label_cost.len()
+        ));
+    }
+    if !(p.weight.is_finite() && p.weight >= 0.0) || p.label_cost.iter().any(|c| !c.is_finite()) {
+        return invalid(format!(
+            "label costs must be finite and the weight finite and non-negative (weight {})",
+            p.weight
+        ));
+    }
+    for (name, points, classes, rows, k) in [
+        ("source", p.x, p.x_classes, n, kx),
+        ("target", p.y, p.y_classes, m, ky),
+    ] {
+        if points.len() != rows * d || classes.len() != rows {
+            return invalid(format!(
+                "{rows} {name} weights but {} values of dimension {d} and {} classes",
+                points.len(),
+                classes.len()
+            ));
+        }
+        if let Some(bad) = classes.iter().position(|&c| c as usize >= k) {
+            return invalid(format!(
+                "{name} point {bad} has class {}, expected below {k}",
+                classes[bad]
+            ));
+        }
+        if let Some(bad) = points.iter().position(|v| !v.is_finite()) {
+            return invalid(format!(
+                "{name} point {} has a non-finite coordinate",
+                bad / d
+            ));
+        }
+    }
+    // Rows and columns sorted by class (stably), so that each class pair is one block.
+    let sorted = |classes: &[u32]| {
+        let mut order: Vec<usize> = (0..classes.len()).collect();
+        order.sort_by_key(|&i| classes[i]);
+        order
+    };
+    let (ro, co) = (sorted(p.x_classes), sorted(p.y_classes));
+    let gather = |points: &[f32], order: &[usize]| -> Vec<f32> {
+        order
+            .iter()
+            .flat_map(|&i| points[i * d..(i + 1) * d].iter().copied())
+            .collect()
+    };
+    let (xs, ys) = (gather(p.x, &ro), gather(p.y, &co));
+    let a_s: Vec<f64> = ro.iter().map(|&i| a[i]).collect();
+    let b_s: Vec<f64> = co.iter().map(|&j| b[j] * sa / sb).collect();
+    let ranges = |classes: &[u32], order: &[usize], k: usize| {
+        let mut r = vec![(0usize, 0usize); k];
+        for (pos, &i) in order.iter().enumerate() {
+            let c = classes[i] as usize;
+            if r[c].1 == 0 {
+                r[c].0 = pos;
+            }
+            r[c].1 = pos + 1;
+        }
+        r
+    };
+    let (rr, cr) = (ranges(p.x_classes, &ro, kx), ranges(p.y_classes, &co, ky));
+    let mass = |w: &[f64], r: &[(usize, usize)]| -> Vec<f64> {
+        r.iter().map(|&(s, e)| w[s..e].iter().sum()).collect()
+    };
+    let (ma, mb) = (mass(&a_s, &rr), mass(&b_s, &cr));
+    // The class pairs an optimal plan between the class masses uses are priced first.
+    let cx: Vec<usize> = (0..kx).filter(|&j| ma[j] > 0.0).collect();
+    let cy: Vec<usize> = (0..ky).filter(|&k| mb[k] > 0.0).collect();
+    let class_cost: Vec<f64> = cx
+        .iter()
+        .flat_map(|&j| cy.iter().map(move |&k| p.label_cost[j * ky + k]))
+        .collect();
+    let class_plan = emd(
+        &cx.iter().map(|&j| ma[j]).collect::<Vec<_>>(),
+        &cy.iter().map(|&k| mb[k]).collect::<Vec<_>>(),
+        &class_cost,
+    )?;
+    let mut known = vec![false; kx * ky];
+    for &(j, k, _) in &class_plan.flows {
+        known[cx[j as usize] * ky + cy[k as usize]] = true;
+    }
+    // Entries of pairs not yet `known` are never read.
+    let mut cost = vec![0.0; n * m];
+    // Fills the blocks of `pairs` (computed on all cores) and returns their largest cost.
+    let fill = |cost: &mut [f64], pairs: &[(usize, usize)]| -> f64 {
+        use rayon::prelude::*;
+        let blocks: Vec<Vec<f64>> = pairs
+            .par_iter()
+            .map(|&(j, k)| {
+                let ((r0, r1), (c0, c1)) = (rr[j], cr[k]);
+                super::euclidean(&xs[r0 * d..r1 * d], &ys[c0 * d..c1 * d], d)
+            })
+            .collect();
+        let mut largest = 0.0f64;
+        for (&(j, k), block) in pairs.iter().zip(&blocks) {
+            let ((r0, r1), (c0, c1)) = (rr[j], cr[k]);
+            if r0 == r1 || c0 == c1 {
+                continue;
+            }
+            let w = p.weight * p.label_cost[j * ky + k];
+            for (row, distances) in block.chunks_exact(c1 - c0).enumerate() {
+                let at = (r0 + row) * m + c0;
+                for (c, &e) in cost[at..at + c1 - c0].iter_mut().zip(distances) {
+                    *c = e + w;
+                    largest = largest.max(*c);
+                }
+            }
+        }
+        largest
+    };
+    let runs_of = |known: &[bool]| {
+        let mut runs: Vec<Run> = Vec::new();
+        for (j, &(r0, r1)) in rr.iter().enumerate() {
+            for i in r0..r1 {
+                for (k, &(c0, c1)) in cr.iter().enumerate() {
+                    if !known[j * ky + k] || c0 == c1 {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some(last) if last.0 == i && last.2 == c0 => last.2 = c1,
+                        _ => runs.push((i, c0, c1)),
+                    }
+                }
+            }
+        }
+        runs
+    };
+    let pairs = |known: &[bool]| -> Vec<(usize, usize)> {
+        (0..kx)
+            .flat_map(|j| (0..ky).map(move |k| (j, k)))
+            .filter(|&(j, k)| known[j * ky + k])
+            .collect()
+    };
+    let mut scale = fill(&mut cost, &pairs(&known));
+    let mut runs = runs_of(&known);
+    // The start: each row in turn takes its cheapest column not yet taken among the class
+    // pairs whose share of the class plan it still fits in, so that it starts on the label
+    // part's optimum.
+    let mut quota = vec![0.0; kx * ky];
+    for &(j, k, f) in &class_plan.flows {
+        quota[cx[j as usize] * ky + cy[k as usize]] = f;
+    }
+    let mut taken = vec![false; m];
+    let mut order = Vec::with_capacity(m);
+    for (j, &(r0, r1)) in rr.iter().enumerate() {
+        for i in r0..r1.min(m) {
+            let mut best = (f64::INFINITY, NONE, 0);
+            for (k, &(c0, c1)) in cr.iter().enumerate() {
+                if !known[j * ky + k] || quota[j * ky + k] < 0.5 * a_s[i] {
+                    continue;
+                }
+                for (q, &c) in cost[i * m + c0..i * m + c1].iter().enumerate() {
+                    if !taken[c0 + q] && c < best.0 {
+                        best = (c, c0 + q, k);
+                    }
+                }
+            }
+            if best.1 != NONE {
+                taken[best.1] = true;
+                order.push(best.1);
+                quota[j * ky + best.2] -= a_s[i];
+            }
+        }
+    }
+    order.extend((0..m).filter(|&l| !taken[l]));
+    let tree = staircase(&a_s, &b_s, &order);
+    let class_of_row = |i: usize| p.x_classes[ro[i]] as usize;
+    let class_of_col = |l: usize| p.y_classes[co[l]] as usize;
+    for &(i, l, _) in &tree {
+        let at = class_of_row(i) * ky + class_of_col(l);
+        if !known[at] {
+            cost[i * m + l] = distance(&xs[i * d..(i + 1) * d], &ys[l * d..(l + 1) * d])
+                + p.weight * p.label_cost[at];
+            scale = scale.max(cost[i * m + l]);
+        }
+    }
+    let mut s = Simplex::new(n, m, Cow::Owned(cost), scale);
+    s.set_tree(&tree);
+    loop {
+        s.solve(&runs);
+        // Every arc of a pair not priced costs at least its weighted label cost.
+        let (u, v) = s.pot.split_at(n);
+        let mut max_u = vec![f64::NEG_INFINITY; kx];
+        for (i, &ui) in u.iter().enumerate() {
+            let c = class_of_row(i);
+            max_u[c] = max_u[c].max(ui);
+        }
+        let mut max_v = vec![f64::NEG_INFINITY; ky];
+        for (l, &vl) in v.iter().enumerate() {
+            let c = class_of_col(l);
+            max_v[c] = max_v[c].max(vl);
+        }
+        let mut added = Vec::new();
+        for (j, k) in (0..kx).flat_map(|j| (0..ky).map(move |k| (j, k))) {
+            let at = j * ky + k;
+            if known[at] || max_u[j] == f64::NEG_INFINITY || max_v[k] == f64::NEG_INFINITY {
+                continue;
+            }
+            if p.weight * p.label_cost[at] - max_u[j] - max_v[k] < -s.eps {
+                known[at] = true;
+                added.push((j, k));
+            }
+        }
+        if added.is_empty() {
+            break;
+        }
+        fill(s.cost.to_mut(), &added);
+        runs = runs_of(&known);
+    }
+    let mut plan = s.plan();
+    for f in &mut plan.flows {
+        *f = (ro[f.0 as usize] as u32, co[f.1 as usize] as u32, f.2);
+    }
+    plan.flows.sort_by_key(|&(i, j, _)| (i, j));
+    Ok(plan)
+}
+
+/// `||x - y||` summed in f32 in dimension order, as [`super::euclidean`] sums it.
+fn distance(x: &[f32], y: &[f32]) -> f64 {
+    let mut sum = 0f32;
+    for (&a, &b) in x.iter().zip(y) {
+        let t = a - b;
+        sum += t * t;
+    }
+    f64::from(sum).sqrt()
+}
+
+/// Columns `start..end` of one row: a stretch of arcs that pricing reads in order.
+type Run = (usize, usize, usize);
+
+/// The sinks in greedy nearest-neighbour order: each source in turn takes the cheapest sink
+/// not yet taken; sinks left over follow in index order. Any order gives a feasible staircase;
+/// this one starts near a good matching, which saves pivots.
+fn nearest_neighbour_order(cost: &[f64], n: usize, m: usize) -> Vec<usize> {
+    let mut taken = vec![false; m];
+    let mut order = Vec::with_capacity(m);
+    for row in cost.chunks_exact(m).take(n.min(m)) {
+        let mut best = (f64::INFINITY, NONE);
+        for (j, &c) in row.iter().enumerate() {
+            if !taken[j] && c < best.0 {
+                best = (c, j);
+            }
+        }
+        if best.1 != NONE {
+            taken[best.1] = true;
+            order.push(best.1);
+        }
+    }
+    order.extend((0..m).filter(|&j| !taken[j]));
+    order
+}
+
+/// The north-west-corner staircase over the sources in index order and the sinks in `order`:
+/// `n + m - 1` arcs `(i, j, flow)` forming a spanning tree that meets both marginals.
+fn staircase(a: &[f64], b: &[f64], order: &[usize]) -> Vec<(usize, usize, f64)> {
+    let (n, m) = (a.len(), b.len());
+    let mut arcs = Vec::with_capacity(n + m - 1);
+    let (mut i, mut q) = (0, 0);
+    let (mut ra, mut rb) = (a[0], b[order[0]]);
+    loop {
+        let j = order[q];
+        let x = ra.min(rb).max(0.0);
+        arcs.push((i, j, x));
+        ra -= x;
+        rb -= x;
+        if i == n - 1 && q == m - 1 {
+            return arcs;
+        }
+        if q == m - 1 || (i < n - 1 && ra <= rb) {
+            i += 1;
+            ra = a[i];
+        } else {
+            q += 1;
+            rb = b[order[q]];
+        }
+    }
 }
 
 struct Simplex<'c> {
     n: usize,
     m: usize,
-    cost: &'c [f64],
+    // Dense `(n, m)`; entries outside the priced runs may be unknown (NaN) and are never read.
+    cost: Cow<'c, [f64]>,
     parent: Vec<usize>,
     depth: Vec<u32>,
     flow: Vec<f64>,
@@ -122,14 +446,14 @@ struct Simplex<'c> {
 
 const NONE: usize = usize::MAX;
 
-struct Solve<'s, 'c>(&'s mut Simplex<'c>);
+struct Solve<'s, 'c, 'r>(&'s mut Simplex<'c>, &'r [Run]);
 
-impl pulp::NullaryFnOnce for Solve<'_, '_> {
+impl pulp::NullaryFnOnce for Solve<'_, '_, '_> {
     type Output = ();
 
     #[inline(always)]
     fn call(self) {
-        self.0.solve_body();
+        self.0.solve_body(self.1);
     }
 }
 
@@ -169,11 +493,10 @@ fn price_run(costs: &[f64], v: &[f64], ui: f64, first: usize, best: &mut (f64, u
 }
 
 impl<'c> Simplex<'c> {
-    fn new(n: usize, m: usize, cost: &'c [f64]) -> Self {
-        let scale = cost
-            .iter()
-            .fold(0.0f64, |acc, c| acc.max(c.abs()))
-            .max(1e-300);
+    /// `scale`: the largest cost magnitude the simplex will read; reduced costs above
+    /// `-1e-12 scale` count as non-negative.
+    fn new(n: usize, m: usize, cost: Cow<'c, [f64]>, scale: f64) -> Self {
+        let scale = scale.max(1e-300);
         Self {
             n,
             m,
@@ -202,51 +525,14 @@ impl<'c> Simplex<'c> {
         self.cost[i * self.m + j]
     }
 
-    /// The starting basis: the north-west-corner staircase over the sources in their order and
-    /// the sinks in greedy nearest-neighbour order (each source in turn takes the cheapest sink
-    /// not yet taken; sinks left over follow). Any order gives a feasible spanning tree; this
-    /// one starts near a good matching, which saves pivots.
-    fn north_west_corner(&mut self, a: &[f64], b: &[f64]) {
-        let (n, m) = (self.n, self.m);
-        let mut taken = vec![false; m];
-        let mut order = Vec::with_capacity(m);
-        for i in 0..n.min(m) {
-            let row = &self.cost[i * m..(i + 1) * m];
-            let mut best = (f64::INFINITY, NONE);
-            for (j, &c) in row.iter().enumerate() {
-                if !taken[j] && c < best.0 {
-                    best = (c, j);
-                }
-            }
-            if best.1 == NONE {
-                break;
-            }
-            taken[best.1] = true;
-            order.push(best.1);
-        }
-        order.extend((0..m).filter(|&j| !taken[j]));
-        let mut adjacency: Vec<Vec<(usize, f64)>> = vec![Vec::new(); n + m];
-        let (mut i, mut q) = (0, 0);
-        let (mut ra, mut rb) = (a[0], b[order[0]]);
-        loop {
-            let j = order[q];
-            let x = ra.min(rb).max(0.0);
+    /// Makes the spanning tree `arcs` (from [`staircase`]) the basis, rooted at source 0.
+    fn set_tree(&mut self, arcs: &[(usize, usize, f64)]) {
+        let n = self.n;
+        let mut adjacency: Vec<Vec<(usize, f64)>> = vec![Vec::new(); n + self.m];
+        for &(i, j, x) in arcs {
             adjacency[i].push((n + j, x));
             adjacency[n + j].push((i, x));
-            ra -= x;
-            rb -= x;
-            if i == n - 1 && q == m - 1 {
-                break;
-            }
-            if q == m - 1 || (i < n - 1 && ra <= rb) {
-                i += 1;
-                ra = a[i];
-            } else {
-                q += 1;
-                rb = b[order[q]];
-            }
         }
-        // Root the staircase at source 0.
         let mut stack = vec![0usize];
         self.parent[0] = 0;
         while let Some(x) = stack.pop() {
@@ -263,20 +549,24 @@ impl<'c> Simplex<'c> {
         }
     }
 
-    fn solve(&mut self) {
+    /// Pivots until no arc of `runs` has a reduced cost below `-eps`.
+    fn solve(&mut self, runs: &[Run]) {
         // Compiled for the widest vector instructions this CPU has, chosen at run time (the
         // pricing loop vectorises; no arithmetic changes, so neither does any pivot).
-        pulp::Arch::new().dispatch(Solve(self));
+        pulp::Arch::new().dispatch(Solve(self, runs));
     }
 
     #[inline(always)]
-    fn solve_body(&mut self) {
+    fn solve_body(&mut self, runs: &[Run]) {
         let (n, m) = (self.n, self.m);
-        let arcs = n * m;
+        let arcs: usize = runs.iter().map(|&(_, start, end)| end - start).sum();
+        if arcs == 0 {
+            return;
+        }
         let block = ((arcs as f64).sqrt().ceil() as usize).max(10).min(arcs);
-        // The next arc to price, as its (row, column); a block is scanned as runs of
-        // consecutive arcs within one row.
-        let (mut row, mut col) = (0usize, 0usize);
+        // The next arc to price, as its run and column; a block is scanned as stretches of
+        // consecutive arcs within one run.
+        let (mut r, mut col) = (0usize, runs[0].1);
         loop {
             // Block search for an entering arc.
             let (u, v) = self.pot.split_at(n);
@@ -285,7 +575,8 @@ impl<'c> Simplex<'c> {
             while scanned < arcs {
                 let end = (scanned + block).min(arcs);
                 while scanned < end {
-                    let run = (end - scanned).min(m - col);
+                    let (row, _, run_end) = runs[r];
+                    let run = (end - scanned).min(run_end - col);
                     let first = row * m + col;
                     price_run(
                         &self.cost[first..first + run],
@@ -296,9 +587,9 @@ impl<'c> Simplex<'c> {
                     );
                     scanned += run;
                     col += run;
-                    if col == m {
-                        col = 0;
-                        row = if row + 1 == n { 0 } else { row + 1 };
+                    if col == run_end {
+                        r = if r + 1 == runs.len() { 0 } else { r + 1 };
+                        col = runs[r].1;
                     }
                 }
                 if best.1 != NONE {
@@ -476,6 +767,177 @@ mod tests {
                 *best = (rc, first + q);
             }
         }
+    }
+
+    /// A labelled problem and its dense cost matrix, built as relatedness builds the label
+    /// cost: `||B_j - e_k||` for a column-stochastic `B`.
+    struct Case {
+        x: Vec<f32>,
+        y: Vec<f32>,
+        xc: Vec<u32>,
+        yc: Vec<u32>,
+        label_cost: Vec<f64>,
+        a: Vec<f64>,
+        b: Vec<f64>,
+    }
+
+    fn case(
+        rng: &mut Lcg,
+        n: usize,
+        m: usize,
+        kx: usize,
+        ky: usize,
+        d: usize,
+        uniform: bool,
+    ) -> Case {
+        // Clustered points: class centres plus noise, so class pairs differ in distance.
+        let centre = |c: u32, k: usize| ((c as usize * 7 + k * 3) % 11) as f32 * 0.5;
+        let mut draw = |classes: &[u32]| -> Vec<f32> {
+            classes
+                .iter()
+                .flat_map(|&c| (0..d).map(move |k| (c, k)))
+                .map(|(c, k)| centre(c, k) + rng.next() as f32)
+                .collect()
+        };
+        let xc: Vec<u32> = (0..n).map(|i| ((i * 5 + i / 3) % kx) as u32).collect();
+        let yc: Vec<u32> = (0..m).map(|l| ((l * 3 + l / 2) % ky) as u32).collect();
+        let (x, y) = (draw(&xc), draw(&yc));
+        let mut label_cost = Vec::new();
+        for _ in 0..kx {
+            let column: Vec<f64> = (0..ky).map(|_| rng.next().abs().powi(3) + 1e-3).collect();
+            let total: f64 = column.iter().sum();
+            for k in 0..ky {
+                let dist: f64 = (0..ky)
+                    .map(|q| (column[q] / total - f64::from(u8::from(q == k))).powi(2))
+                    .sum();
+                label_cost.push(dist.sqrt());
+            }
+        }
+        let weights = |len: usize, rng: &mut Lcg| -> Vec<f64> {
+            if uniform {
+                vec![1.0 / len as f64; len]
+            } else {
+                let w: Vec<f64> = (0..len).map(|_| 1.1 + rng.next()).collect();
+                let s: f64 = w.iter().sum();
+                w.iter().map(|v| v / s).collect()
+            }
+        };
+        let (a, b) = (weights(n, rng), weights(m, rng));
+        Case {
+            x,
+            y,
+            xc,
+            yc,
+            label_cost,
+            a,
+            b,
+        }
+    }
+
+    #[test]
+    fn labelled_emd_reaches_the_dense_optimum() -> Result<()> {
+        let mut rng = Lcg(5);
+        let mut extra_rounds_seen = false;
+        for (trial, &(n, m, kx, ky, d, uniform, weight)) in [
+            (60, 60, 4, 4, 5, true, 1e8),
+            (73, 41, 5, 3, 3, false, 1e8),
+            (50, 50, 3, 5, 8, true, 1e8),
+            // Small weights: the class plan is not the whole story and other pairs must join.
+            (64, 64, 4, 4, 4, true, 1.0),
+            (45, 70, 3, 4, 2, false, 0.3),
+            (30, 30, 2, 2, 6, true, 0.0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let c = case(&mut rng, n, m, kx, ky, d, uniform);
+            let mut dense = crate::ot::euclidean(&c.x, &c.y, d);
+            for i in 0..n {
+                for l in 0..m {
+                    dense[i * m + l] +=
+                        weight * c.label_cost[c.xc[i] as usize * ky + c.yc[l] as usize];
+                }
+            }
+            let want = emd(&c.a, &c.b, &dense)?;
+            let problem = Labelled {
+                x: &c.x,
+                y: &c.y,
+                dim: d,
+                x_classes: &c.xc,
+                y_classes: &c.yc,
+                label_cost: &c.label_cost,
+                y_class_count: ky,
+                weight,
+            };
+            let got = emd_labelled(&c.a, &c.b, &problem)?;
+            // Same optimal value (to the simplex's tolerance), same marginals, and the value
+            // is that of the plan returned.
+            let tol = 1e-9 * want.cost.abs().max(1.0);
+            assert!(
+                (got.cost - want.cost).abs() <= tol,
+                "trial {trial}: {} vs {}",
+                got.cost,
+                want.cost
+            );
+            let recomputed: f64 = got
+                .flows
+                .iter()
+                .map(|&(i, l, f)| f * dense[i as usize * m + l as usize])
+                .sum();
+            assert!((recomputed - got.cost).abs() <= tol, "trial {trial}");
+            for (sums, w) in [(got.row_sums(n), &c.a), (got.col_sums(m), &c.b)] {
+                for (s, w) in sums.iter().zip(w.iter()) {
+                    assert!((s - w).abs() <= 1e-12, "trial {trial}: marginal {s} vs {w}");
+                }
+            }
+            // Mass on class pairs that the plan between the class masses leaves out: only the
+            // check after the first solve can have let them in.
+            let mass = |classes: &[u32], w: &[f64], k: usize| -> Vec<f64> {
+                let mut out = vec![0.0; k];
+                for (&c, &v) in classes.iter().zip(w) {
+                    out[c as usize] += v;
+                }
+                out
+            };
+            let class_plan = emd(
+                &mass(&c.xc, &c.a, kx),
+                &mass(&c.yc, &c.b, ky),
+                &c.label_cost,
+            )?;
+            let in_class_plan =
+                |j: u32, k: u32| class_plan.flows.iter().any(|f| (f.0, f.1) == (j, k));
+            extra_rounds_seen |= got
+                .flows
+                .iter()
+                .any(|&(i, l, _)| !in_class_plan(c.xc[i as usize], c.yc[l as usize]));
+        }
+        assert!(
+            extra_rounds_seen,
+            "no case exercised pairs beyond the class plan"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn labelled_emd_names_a_class_outside_the_label_cost() {
+        let problem = Labelled {
+            x: &[0.0, 1.0],
+            y: &[0.5, 2.0],
+            dim: 1,
+            x_classes: &[0, 2],
+            y_classes: &[0, 1],
+            label_cost: &[0.0, 1.0, 1.0, 0.0],
+            y_class_count: 2,
+            weight: 1.0,
+        };
+        let Err(err) = emd_labelled(&[0.5, 0.5], &[0.5, 0.5], &problem) else {
+            panic!("a class outside the label cost was accepted");
+        };
+        assert!(
+            err.to_string()
+                .contains("source point 1 has class 2, expected below 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 mod emd;
 mod sinkhorn;
 
-pub use emd::{Plan, emd};
+pub use emd::{Labelled, Plan, emd, emd_labelled};
 pub use sinkhorn::{DensePlan, SinkhornConfig, sinkhorn};
 
 /// Euclidean distances `(n, m)` between the rows of `x (n, d)` and `y (m, d)`, row-major f64.
