@@ -216,6 +216,11 @@ impl Dataset {
     /// Indices of `n` samples of every class, drawn without replacement with `seed`, grouped
     /// by class in class order. Fails naming the class when one has fewer than `n` samples.
     pub fn sample_per_class(&self, n: usize, seed: u64) -> Result<Vec<usize>> {
+        if n == 0 {
+            return Err(Error::Invalid(
+                "samples per class must be positive, got 0".into(),
+            ));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut indices = Vec::with_capacity(n * self.num_classes());
         for (class, mut members) in self.members_by_class().into_iter().enumerate() {

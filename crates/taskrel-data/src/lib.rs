@@ -73,6 +73,15 @@ impl DatasetName {
             Self::AgNews | Self::Dbpedia => Modality::Text,
         }
     }
+
+    /// Number of classes the loader gives the dataset.
+    pub fn num_classes(self) -> usize {
+        match self {
+            Self::Mnist | Self::FashionMnist | Self::Usps => 10,
+            Self::AgNews => 4,
+            Self::Dbpedia => 14,
+        }
+    }
 }
 
 impl fmt::Display for DatasetName {

@@ -254,17 +254,44 @@ fn lr_at(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
     }
 }
 
-fn validate(cfg: &TrainConfig, data: &Dataset) -> Result<()> {
-    if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(Error::Invalid(format!(
-            "epochs and batch_size must be positive, got {} and {}",
-            cfg.epochs, cfg.batch_size
-        )));
+impl TrainConfig {
+    /// Settings that cannot work, as `(field, what was expected)`; empty when all can.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (field, value) in [
+            ("epochs", Some(self.epochs)),
+            ("batch_size", Some(self.batch_size)),
+            ("per_class", self.per_class),
+        ] {
+            if value == Some(0) {
+                out.push((field, "expected a positive count, got 0".to_string()));
+            }
+        }
+        for (field, value) in [("lr", Some(self.lr)), ("head_lr", self.head_lr)] {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                out.push((field, format!("expected a positive finite rate, got {v}")));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            out.push((
+                "weight_decay",
+                format!("expected a finite value >= 0, got {}", self.weight_decay),
+            ));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            out.push((
+                "momentum",
+                format!("expected a value in [0, 1), got {}", self.momentum),
+            ));
+        }
+        out
     }
-    if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
+}
+
+fn validate(cfg: &TrainConfig, data: &Dataset) -> Result<()> {
+    if let Some((field, message)) = cfg.problems().into_iter().next() {
         return Err(Error::Invalid(format!(
-            "learning rate must be positive, got {}",
-            cfg.lr
+            "training setting {field}: {message}"
         )));
     }
     if data.is_empty() {
@@ -452,6 +479,11 @@ pub fn evaluate(
     batch_size: usize,
     quiet: bool,
 ) -> Result<Evaluation> {
+    if data.is_empty() {
+        return Err(Error::Invalid(
+            "cannot evaluate on an empty dataset: no accuracy to report".into(),
+        ));
+    }
     let start = Instant::now();
     let preprocessing = model.preprocessing(data)?;
     if model.spec.num_classes() != data.num_classes() {

@@ -32,7 +32,7 @@ fn draw<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing plot: {e:?}");
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing plot: {e}");
     root.fill(&WHITE).map_err(err)?;
     let (xs, ys): (Vec<f64>, Vec<f64>) = row.points.iter().copied().unzip();
     let r = stats::pearson(&xs, &ys);
@@ -103,14 +103,72 @@ pub fn write(dir: &Path, rows: &[CorrelationRow]) -> anyhow::Result<Vec<PathBuf>
         }
         let png = dir.join(format!("{stem}.png"));
         let svg = dir.join(format!("{stem}.svg"));
+        // Drawn into temporary files (the PNG encoder goes by the extension) and renamed, so
+        // an interrupted report leaves the previous plot or none, never a partial one.
+        let tmp = |ext: &str| dir.join(format!(".{stem}.tmp-{}.{ext}", std::process::id()));
+        let (png_tmp, svg_tmp) = (tmp("png"), tmp("svg"));
         draw(
-            BitMapBackend::new(&png, (720, 520)).into_drawing_area(),
+            BitMapBackend::new(&png_tmp, (720, 520)).into_drawing_area(),
             row,
         )
-        .with_context(|| format!("writing {}", png.display()))?;
-        draw(SVGBackend::new(&svg, (720, 520)).into_drawing_area(), row)
-            .with_context(|| format!("writing {}", svg.display()))?;
+        .with_context(|| format!("writing {}", png_tmp.display()))?;
+        draw(
+            SVGBackend::new(&svg_tmp, (720, 520)).into_drawing_area(),
+            row,
+        )
+        .with_context(|| format!("writing {}", svg_tmp.display()))?;
+        for (from, to) in [(&png_tmp, &png), (&svg_tmp, &svg)] {
+            std::fs::rename(from, to).with_context(|| format!("renaming to {}", to.display()))?;
+        }
         written.push(png);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Estimate;
+
+    #[test]
+    fn plots_replace_old_ones_whole_and_leave_no_temporary_files() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let none = Estimate {
+            value: 0.5,
+            low: 0.1,
+            high: 0.9,
+        };
+        let row = CorrelationRow {
+            score: "bound".into(),
+            measure: "linear_probe".into(),
+            group_by: "all".into(),
+            group: "all".into(),
+            n: 3,
+            pearson: none,
+            spearman: none,
+            kendall: none,
+            weighted_tau: 0.5,
+            top1_relative: 1.0,
+            points: vec![(1.0, 0.9), (2.0, 0.7), (3.0, 0.75)],
+        };
+        // A 0-byte plot from an interrupted write is replaced by a whole one.
+        let png = dir.path().join("bound_vs_linear_probe_all.png");
+        std::fs::write(&png, b"")?;
+        let written = write(dir.path(), std::slice::from_ref(&row))?;
+        assert_eq!(written, vec![png.clone()]);
+        let bytes = std::fs::read(&png)?;
+        assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "bound_vs_linear_probe_all.png",
+                "bound_vs_linear_probe_all.svg"
+            ]
+        );
+        Ok(())
+    }
 }

@@ -416,6 +416,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         score: score_def,
         correlations: Vec::new(),
         max_len: zoo.max_len,
+        text: text.clone(),
     };
     let plan = sweep.plan(&opts.zoo, &opts.data_root, true)?;
     let drawn = draw(&data, labelled, opts.budget, opts.seed)?;

@@ -48,6 +48,9 @@ pub struct Sweep {
     /// Longest token sequence for text models.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// The file's text, to place errors in values that carry no position.
+    #[serde(skip)]
+    pub text: String,
 }
 
 fn default_max_len() -> usize {
@@ -463,12 +466,107 @@ fn resolve_from(
     Ok((resolved.display().to_string(), modality))
 }
 
+/// Line and column (1-based) of the nested mapping key `keys` in block-style YAML `text`, or
+/// of the deepest parent written there when the key itself is not (a default).
+fn locate(text: &str, keys: &[&str]) -> Option<(usize, usize)> {
+    let mut found = None;
+    let mut parent_indent: Option<usize> = None;
+    let mut lines = text.lines().enumerate();
+    'keys: for key in keys {
+        for (number, line) in lines.by_ref() {
+            let body = line.trim_start();
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - body.len();
+            if parent_indent.is_some_and(|p| indent <= p) {
+                break;
+            }
+            let written = body
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'));
+            if written
+                && parent_indent.is_none_or(|p| indent > p)
+                && (parent_indent.is_some() || indent == 0)
+            {
+                found = Some((number + 1, indent + 1));
+                parent_indent = Some(indent);
+                continue 'keys;
+            }
+        }
+        // Not a block key under its parent: a flow mapping on the parent's line, `{key: ...}`.
+        if let Some((line, _)) = found
+            && let Some(text_line) = text.lines().nth(line - 1)
+        {
+            let needle = format!("{key}:");
+            let flow = text_line
+                .match_indices(&needle)
+                .find(|&(at, _)| text_line[..at].trim_end().ends_with(['{', ',']));
+            if let Some((at, _)) = flow {
+                found = Some((line, at + 1));
+                continue;
+            }
+        }
+        break;
+    }
+    found
+}
+
 impl Sweep {
     /// Reads and parses a sweep file.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        crate::yaml::parse(&text, path)
+        let mut sweep: Self = crate::yaml::parse(&text, path)?;
+        sweep.text = text;
+        Ok(sweep)
+    }
+
+    /// An error at the key `keys` (a path of nested mapping keys) of the file, placed at its
+    /// line and column when the file writes it, else at its closest written parent.
+    fn error_at(&self, path: &Path, keys: &[&str], message: impl fmt::Display) -> anyhow::Error {
+        let key = keys.join(".");
+        match locate(&self.text, keys) {
+            Some((line, column)) => {
+                anyhow::anyhow!("{}:{line}:{column}: {key}: {message}", path.display())
+            }
+            None => anyhow::anyhow!("{}: {key}: {message}", path.display()),
+        }
+    }
+
+    /// Counts, sizes and rates that cannot work, each placed in the file.
+    fn check_numbers(&self, path: &Path) -> anyhow::Result<()> {
+        for (section, cfg) in [("pretrain", &self.pretrain), ("finetune", &self.finetune)] {
+            if let Some((field, message)) = cfg.problems().into_iter().next() {
+                return Err(self.error_at(path, &[section, field], message));
+            }
+        }
+        if self.measure.test_per_class == Some(0) {
+            return Err(self.error_at(
+                path,
+                &["measure", "test_per_class"],
+                "expected a positive count, got 0",
+            ));
+        }
+        for (field, value) in [
+            ("reference_per_class", self.score.reference_per_class),
+            ("target_per_class", self.score.target_per_class),
+        ] {
+            if value < 2 {
+                return Err(self.error_at(
+                    path,
+                    &["score", field],
+                    format!("expected at least 2 samples per class, got {value}"),
+                ));
+            }
+        }
+        if let Some((field, message)) = self.score.relatedness.problems().into_iter().next() {
+            return Err(self.error_at(path, &["score", "relatedness", field], message));
+        }
+        if self.max_len == 0 {
+            return Err(self.error_at(path, &["max_len"], "expected a positive length, got 0"));
+        }
+        Ok(())
     }
 
     /// Validates everything before any compute: names, datasets, files (when `check_files`),
@@ -476,6 +574,7 @@ impl Sweep {
     pub fn plan(self, path: &Path, data_root: &Path, check_files: bool) -> anyhow::Result<Plan> {
         let name = self.name.value.trim();
         if name.is_empty()
+            || name.starts_with('.')
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
@@ -484,7 +583,7 @@ impl Sweep {
                 path,
                 &self.name,
                 "name",
-                "expected a folder name of letters, digits, '_', '-' or '.'",
+                "expected a folder name of letters, digits, '_', '-' or '.', not starting with '.'",
             ));
         }
         for (section, key, place) in self
@@ -506,6 +605,7 @@ impl Sweep {
                 ));
             }
         }
+        self.check_numbers(path)?;
         let mut sources = BTreeMap::new();
         for (key, def) in &self.models {
             let (from, modality) = resolve_from(
@@ -586,6 +686,17 @@ impl Sweep {
                         classes,
                         &format!("targets.{key}.classes"),
                         "expected at least two distinct class indices",
+                    ));
+                }
+                if let Some(&bad) = seen.iter().find(|&&c| c as usize >= d.num_classes()) {
+                    return Err(at(
+                        path,
+                        classes,
+                        &format!("targets.{key}.classes"),
+                        format!(
+                            "class {bad} is outside {d}, whose classes are 0..{}",
+                            d.num_classes() - 1
+                        ),
                     ));
                 }
             }

@@ -177,6 +177,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         (None, Some((i, n))) => plan.shard(i, n),
         (None, None) => plan.cells.iter().collect(),
     };
+    if let (Some((i, n)), true) = (opts.shard, selected.is_empty()) {
+        bail!(
+            "--shard {i}/{n}: selects no cell of the {} cells (use at most {} shards)",
+            plan.cells.len(),
+            plan.cells.len()
+        );
+    }
     let out = opts.results.join(&plan.name);
     let cache = opts
         .cache

@@ -236,3 +236,80 @@ fn a_dataset_with_one_split_is_divided_without_overlap() {
         assert_eq!(report["n"], 8);
     }
 }
+
+#[test]
+fn zero_counts_and_empty_shards_are_refused() {
+    let root = data_root();
+    let dir = tempfile::tempdir().unwrap();
+    let model = root.join("models/ccexam/mnist.pth");
+    let out_file = dir.path().join("f.safetensors");
+    let root_arg = root.to_str().unwrap();
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "train",
+                "--model",
+                "lenet200",
+                "--dataset",
+                "mnist",
+                "--data-root",
+                root_arg,
+                "--per-class",
+                "0",
+                "--out",
+                out_file.to_str().unwrap(),
+            ],
+            "training setting per_class: expected a positive count, got 0",
+        ),
+        (
+            vec![
+                "features",
+                "--model",
+                model.to_str().unwrap(),
+                "--dataset",
+                "mnist",
+                "--data-root",
+                root_arg,
+                "--per-class",
+                "0",
+                "--out",
+                out_file.to_str().unwrap(),
+            ],
+            "samples per class must be positive, got 0",
+        ),
+        (
+            vec![
+                "run",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../configs/smoke.yaml")
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+                    .leak(),
+                "--data-root",
+                root_arg,
+                "--shard",
+                "7/7",
+                "--results",
+                dir.path()
+                    .join("results")
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+                    .leak(),
+            ],
+            "--shard 7/7: selects no cell of the 5 cells",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = taskrel(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!out_file.exists(), "{args:?} wrote {}", out_file.display());
+        assert!(
+            !dir.path().join("results").exists(),
+            "{args:?} wrote results"
+        );
+    }
+}

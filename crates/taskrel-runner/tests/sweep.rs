@@ -259,21 +259,58 @@ fn malformed_sweeps_fail_before_writing_anything() {
             "targets.t.dataset",
             ":5:",
         ),
+        // A name that leaves the results folder.
+        (
+            GOOD.replace("name: bad", "name: .."),
+            "name: expected a folder name",
+            ":1:7:",
+        ),
+        // Zero counts, rates that cannot work, classes the dataset lacks: placed at the key.
+        (
+            format!("{GOOD}pretrain: {{epochs: 2, batch_size: 0}}\n"),
+            "pretrain.batch_size: expected a positive count, got 0",
+            ":9:23:",
+        ),
+        (
+            format!("{GOOD}finetune: {{lr: .nan}}\n"),
+            "finetune.lr: expected a positive finite rate, got NaN",
+            ":9:",
+        ),
+        (
+            format!("{GOOD}measure:\n  test_per_class: 0\n"),
+            "measure.test_per_class: expected a positive count, got 0",
+            ":10:3:",
+        ),
+        (
+            format!("{GOOD}score:\n  reference_per_class: 20\n  target_per_class: 0\n"),
+            "score.target_per_class: expected at least 2 samples per class, got 0",
+            ":11:3:",
+        ),
+        (
+            format!("{GOOD}score:\n  relatedness:\n    iterations: 10\n    batch_size: 0\n"),
+            "score.relatedness.batch_size: expected a positive count, got 0",
+            ":12:5:",
+        ),
+        (
+            GOOD.replace("{dataset: usps}", "{dataset: usps, classes: [0, 10]}"),
+            "class 10 is outside usps, whose classes are 0..9",
+            ":5:",
+        ),
     ];
     for (text, message, place) in cases {
         let path = write_sweep(tmp.path(), &text);
-        let out = command(&[
-            "run",
-            path.to_str().unwrap(),
-            "--results",
-            results.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "accepted:\n{text}");
-        assert!(err.contains(message), "{err:?} lacks {message:?}");
-        assert!(err.contains(place), "{err:?} lacks {place:?}");
-        assert!(!results.exists(), "wrote results for a bad sweep");
+        // `plan` reports what `run` reports, and neither writes anything.
+        for verb in ["plan", "run"] {
+            let mut args = vec![verb, path.to_str().unwrap()];
+            if verb == "run" {
+                args.extend(["--results", results.to_str().unwrap()]);
+            }
+            let out = command(&args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted:\n{text}");
+            assert!(err.contains(message), "{verb}: {err:?} lacks {message:?}");
+            assert!(err.contains(place), "{verb}: {err:?} lacks {place:?}");
+            assert!(!results.exists(), "wrote results for a bad sweep");
+        }
     }
 }

@@ -265,6 +265,52 @@ impl Default for RelatednessConfig {
     }
 }
 
+impl RelatednessConfig {
+    /// Settings that cannot work, as `(field, what was expected)`; empty when all can.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let iterations = (self.variant != Variant::FixedAll).then_some(self.iterations);
+        for (field, value) in [
+            ("iterations", iterations),
+            ("batch_size", Some(self.batch_size)),
+            ("head_epochs", Some(self.head_epochs)),
+            ("head_batch_size", Some(self.head_batch_size)),
+            ("head_samples", Some(self.head_samples)),
+            ("eval_per_class", Some(self.eval_per_class)),
+        ] {
+            if value == Some(0) {
+                out.push((field, "expected a positive count, got 0".to_string()));
+            }
+        }
+        for (field, v) in [
+            ("lr", self.lr),
+            ("lr_prior", self.lr_prior),
+            ("head_lr", self.head_lr),
+            ("tau", self.tau),
+            ("sinkhorn_eps", self.sinkhorn_eps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                out.push((field, format!("expected a positive finite number, got {v}")));
+            }
+        }
+        for (field, v) in [
+            ("label_weight", self.label_weight),
+            ("gradient_penalty", self.gradient_penalty),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                out.push((field, format!("expected a finite number >= 0, got {v}")));
+            }
+        }
+        if !(self.head_beta1.is_finite() && (0.0..1.0).contains(&self.head_beta1)) {
+            out.push((
+                "head_beta1",
+                format!("expected a value in [0, 1), got {}", self.head_beta1),
+            ));
+        }
+        out
+    }
+}
+
 /// The samples of one task: the variables are fitted on `fit`, the reported terms measured on
 /// `eval` (disjoint from `fit`: a test split, or a held-out part of the same draw).
 #[derive(Clone, Copy, Debug)]
@@ -385,6 +431,8 @@ pub struct Report {
 struct Scaler {
     mean: Vec<f64>,
     std: Vec<f64>,
+    /// Columns with a spread (the others keep scale 1).
+    varying: usize,
 }
 
 impl Scaler {
@@ -406,19 +454,19 @@ impl Scaler {
                 *s += (f64::from(v) - m).powi(2);
             }
         }
-        let std = sq
+        let spread: Vec<Option<f64>> = sq
             .iter()
             .zip(&mean)
             .map(|(s, m)| {
                 let std = (s / n).sqrt();
-                if std < 10.0 * f64::from(f32::EPSILON) * m.abs().max(1.0) {
-                    1.0
-                } else {
-                    std
-                }
+                (std >= 10.0 * f64::from(f32::EPSILON) * m.abs().max(1.0)).then_some(std)
             })
             .collect();
-        Self { mean, std }
+        Self {
+            varying: spread.iter().flatten().count(),
+            std: spread.iter().map(|s| s.unwrap_or(1.0)).collect(),
+            mean,
+        }
     }
 
     /// Row-major standardised copy of `set`.
@@ -622,19 +670,9 @@ fn check_inputs(
             return Err(Error::Invalid(format!("{what} features have no samples")));
         }
     }
-    if cfg.batch_size == 0
-        || cfg.eval_per_class == 0
-        || cfg.iterations == 0 && cfg.variant != Variant::FixedAll
-    {
+    if let Some((field, message)) = cfg.problems().into_iter().next() {
         return Err(Error::Invalid(format!(
-            "batch_size ({}), eval_per_class ({}) and iterations ({}) must be positive",
-            cfg.batch_size, cfg.eval_per_class, cfg.iterations
-        )));
-    }
-    if !(cfg.tau > 0.0 && cfg.tau.is_finite()) {
-        return Err(Error::Invalid(format!(
-            "tau must be positive and finite, got {}",
-            cfg.tau
+            "relatedness setting {field}: {message}"
         )));
     }
     let need_labels = |set: &'_ FeatureSet, what: &str| {
@@ -674,8 +712,61 @@ fn check_inputs(
                 .into(),
         ));
     }
+    if k_r < 2 {
+        return Err(Error::Invalid(format!(
+            "the reference task has {k_r} class; task-relatedness needs at least two"
+        )));
+    }
+    if let Some(few) = ref_members.iter().position(|m| m.len() < 2) {
+        return Err(Error::Invalid(format!(
+            "reference class {few} ({}) has 1 fitting sample; at least two per class are needed",
+            reference
+                .fit
+                .classes
+                .get(few)
+                .map_or("unnamed", String::as_str)
+        )));
+    }
+    if target.fit.n < 2 {
+        return Err(Error::Invalid(format!(
+            "the target fitting sample has {} sample; at least two are needed",
+            target.fit.n
+        )));
+    }
     let r_scaler = Scaler::fit(reference.fit);
     let t_scaler = Scaler::fit(target.fit);
+    for (what, scaler, set) in [
+        ("reference", &r_scaler, reference.fit),
+        ("target", &t_scaler, target.fit),
+    ] {
+        if scaler.varying == 0 {
+            return Err(Error::Invalid(format!(
+                "{what} fitting features are constant: all {} samples have the same {} values (identical inputs, or an encoder that ignores them), so there is no distribution to compare",
+                set.n, set.d
+            )));
+        }
+    }
+    let distinct = {
+        let mut rows: Vec<&[f32]> = (0..target.fit.n).map(|i| target.fit.row(i)).collect();
+        rows.sort_by(|a, b| {
+            a.iter()
+                .map(|v| v.to_bits())
+                .cmp(b.iter().map(|v| v.to_bits()))
+        });
+        rows.dedup_by(|a, b| {
+            a.iter()
+                .map(|v| v.to_bits())
+                .eq(b.iter().map(|v| v.to_bits()))
+        });
+        rows.len()
+    };
+    if 2 * distinct < target.fit.n {
+        warnings.push(format!(
+            "{} of the {} target fitting samples repeat another's features exactly",
+            target.fit.n - distinct,
+            target.fit.n
+        ));
+    }
     let r = Domain {
         z: r_scaler.apply(reference.fit),
         prior: ref_members
@@ -691,6 +782,22 @@ fn check_inputs(
         let eval_labels = target.eval.labels.clone().unwrap_or_default();
         let k_t = class_count(target.fit, &labels).max(class_count(target.eval, &eval_labels));
         let m = members(&labels, k_t);
+        let present = m.iter().filter(|mk| !mk.is_empty()).count();
+        if present < 2 {
+            return Err(Error::Invalid(format!(
+                "the target fitting sample has {present} class with samples; task-relatedness with target labels needs at least two (or use label-free mode)"
+            )));
+        }
+        if let Some(one) = m.iter().position(|mk| mk.len() == 1) {
+            return Err(Error::Invalid(format!(
+                "target class {one} ({}) has 1 fitting sample; at least two per class are needed",
+                target
+                    .fit
+                    .classes
+                    .get(one)
+                    .map_or("unnamed", String::as_str)
+            )));
+        }
         for (k, mk) in m.iter().enumerate() {
             if mk.is_empty() {
                 warnings.push(format!(
@@ -1785,6 +1892,102 @@ mod tests {
         let (_, ti) = draw_batches(&inputs.r, &inputs.t, &inputs.r.prior, 60, &mut rng)?;
         assert_eq!(ti.len(), 60);
         assert!(ti.iter().all(|&i| i < 90));
+        Ok(())
+    }
+
+    #[test]
+    fn degenerate_samples_and_settings_are_refused_with_the_reason() -> crate::Result<()> {
+        let mut rng = crate::dense::Lcg(9);
+        let mut noise = |n: usize| -> Vec<f32> { (0..n * 4).map(|_| rng.next() as f32).collect() };
+        let set = |values: Vec<f32>, labels: Option<Vec<u32>>| {
+            let n = values.len() / 4;
+            let classes = (0..3).map(|c| format!("c{c}")).collect();
+            FeatureSet::new(values, n, 4, labels, classes, Default::default())
+        };
+        let cyclic = |n: usize, k: u32| Some((0..n).map(|i| i as u32 % k).collect::<Vec<u32>>());
+        let (r_fit, r_eval) = (
+            set(noise(60), cyclic(60, 3))?,
+            set(noise(30), cyclic(30, 3))?,
+        );
+        let t_eval = set(noise(30), cyclic(30, 3))?;
+        let cfg = RelatednessConfig::default();
+        let refused = |t_fit: &FeatureSet, cfg: &RelatednessConfig| -> String {
+            match check_inputs(
+                Samples::new(&r_fit, &r_eval),
+                Samples::new(t_fit, &t_eval),
+                cfg,
+                &mut Vec::new(),
+            ) {
+                Ok(_) => "accepted".to_string(),
+                Err(e) => e.to_string(),
+            }
+        };
+        // Identical inputs (every feature 1.0), labelled or not.
+        let constant = set(vec![1.0; 40 * 4], cyclic(40, 3))?;
+        assert!(
+            refused(&constant, &cfg)
+                .contains("target fitting features are constant: all 40 samples")
+        );
+        let unlabeled = RelatednessConfig {
+            unlabeled: true,
+            ..cfg.clone()
+        };
+        assert!(refused(&constant, &unlabeled).contains("constant"));
+        // One row; one class; a class with one sample.
+        let one_row = set(noise(1), None)?;
+        assert!(refused(&one_row, &unlabeled).contains("has 1 sample; at least two"));
+        let one_class = set(noise(40), cyclic(40, 1))?;
+        assert!(refused(&one_class, &cfg).contains("1 class with samples"));
+        let mut labels = cyclic(40, 2).unwrap_or_default();
+        labels[7] = 2;
+        let single = set(noise(40), Some(labels))?;
+        assert!(refused(&single, &cfg).contains("target class 2 (c2) has 1 fitting sample"));
+        // Zero counts and rates that cannot work, named by their field.
+        let good = set(noise(40), cyclic(40, 3))?;
+        assert_eq!(refused(&good, &cfg), "accepted");
+        for (bad, field) in [
+            (
+                RelatednessConfig {
+                    batch_size: 0,
+                    ..cfg.clone()
+                },
+                "batch_size",
+            ),
+            (
+                RelatednessConfig {
+                    head_epochs: 0,
+                    ..cfg.clone()
+                },
+                "head_epochs",
+            ),
+            (
+                RelatednessConfig {
+                    lr: f64::NAN,
+                    ..cfg.clone()
+                },
+                "lr",
+            ),
+            (
+                RelatednessConfig {
+                    tau: -0.2,
+                    ..cfg.clone()
+                },
+                "tau",
+            ),
+            (
+                RelatednessConfig {
+                    head_beta1: 1.0,
+                    ..cfg.clone()
+                },
+                "head_beta1",
+            ),
+        ] {
+            let message = refused(&good, &bad);
+            assert!(
+                message.contains(&format!("relatedness setting {field}: expected")),
+                "{message}"
+            );
+        }
         Ok(())
     }
 
