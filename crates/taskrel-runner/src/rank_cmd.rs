@@ -143,6 +143,9 @@ fn read_samples(path: &Path) -> anyhow::Result<(Dataset, bool)> {
     subdirs.sort();
     files.sort();
     let labelled = !subdirs.is_empty();
+    let root = path
+        .canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))?;
     let mut labelled_files: Vec<(PathBuf, u32)> = Vec::new();
     let mut classes = Vec::new();
     if labelled {
@@ -152,11 +155,27 @@ fn read_samples(path: &Path) -> anyhow::Result<(Dataset, bool)> {
                     .map(|s| s.to_string_lossy().to_string())
                     .unwrap_or_default(),
             );
+            let resolved = dir
+                .canonicalize()
+                .with_context(|| format!("resolving {}", dir.display()))?;
+            if !resolved.starts_with(&root) {
+                bail!(
+                    "{}: the class folder points outside the sample folder (to {})",
+                    dir.display(),
+                    resolved.display()
+                );
+            }
             let mut inner: Vec<PathBuf> = std::fs::read_dir(dir)
                 .with_context(|| format!("listing {}", dir.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| is_image(p))
                 .collect();
+            if inner.is_empty() {
+                bail!(
+                    "{}: the class folder holds no .png/.jpg/.jpeg images",
+                    dir.display()
+                );
+            }
             inner.sort();
             labelled_files.extend(inner.into_iter().map(|p| (p, c as u32)));
         }
@@ -229,28 +248,54 @@ fn is_image(p: &Path) -> bool {
 }
 
 fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_path(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+        .from_reader(raw.as_slice());
     let mut texts = Vec::new();
     let mut names: Vec<String> = Vec::new();
     let mut labels = Vec::new();
     let mut labelled: Option<bool> = None;
-    for (i, rec) in reader.records().enumerate() {
-        let rec = rec.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        let this_labelled = rec.len() >= 2;
+    let (mut last_line, mut last_start) = (1, 0);
+    for rec in reader.records() {
+        let rec = rec.map_err(|e| {
+            let line = e.position().map_or(last_line, |p| p.line());
+            anyhow::anyhow!("{}: line {line}: {e}", path.display())
+        })?;
+        let line = rec.position().map_or(last_line, |p| p.line());
+        last_line = line;
+        last_start = rec.position().map_or(last_start, |p| p.byte() as usize);
+        let place = || format!("{}: line {line}", path.display());
+        // A header row names the columns; it is not a sample.
+        let fields: Vec<String> = rec.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
+        if texts.is_empty() && (fields == ["label", "text"] || fields == ["text"]) {
+            continue;
+        }
+        if rec.len() > 2 {
+            bail!(
+                "{}: expected `label,text` or `text`, got {} fields (quote a text that holds commas)",
+                place(),
+                rec.len()
+            );
+        }
+        let this_labelled = rec.len() == 2;
         if *labelled.get_or_insert(this_labelled) != this_labelled {
             bail!(
-                "{}: line {}: expected {} field(s) like the first row (`label,text` or `text`)",
-                path.display(),
-                i + 1,
+                "{}: expected {} field(s) like the first row (`label,text` or `text`)",
+                place(),
                 if this_labelled { 1 } else { 2 }
             );
         }
+        let text = rec[rec.len() - 1].to_string();
+        if text.trim().is_empty() {
+            bail!("{}: the text is empty", place());
+        }
         if this_labelled {
             let name = rec[0].trim().to_string();
+            if name.is_empty() {
+                bail!("{}: the label is empty", place());
+            }
             let id = match names.iter().position(|n| *n == name) {
                 Some(id) => id,
                 None => {
@@ -259,11 +304,17 @@ fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
                 }
             };
             labels.push(id as u32);
-            texts.push(rec[1].to_string());
         } else {
             labels.push(0);
-            texts.push(rec[0].to_string());
         }
+        texts.push(text);
+    }
+    // A quoted field left open swallows the rest of the file into the last record.
+    if quote_left_open(&raw[last_start.min(raw.len())..]) {
+        bail!(
+            "{}: line {last_line}: a quoted field is not closed before the end of the file",
+            path.display()
+        );
     }
     if texts.is_empty() {
         bail!("{}: no rows", path.display());
@@ -281,6 +332,30 @@ fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
         },
         labelled,
     ))
+}
+
+/// Whether CSV `text` ends inside a quoted field (a quote opens one only at a field's start;
+/// inside, a doubled quote is a literal quote).
+fn quote_left_open(text: &[u8]) -> bool {
+    let (mut quoted, mut field_start) = (false, true);
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if quoted {
+            if b == b'"' {
+                if text.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if field_start && b == b'"' {
+            quoted = true;
+        }
+        field_start = !quoted && (b == b',' || b == b'\n');
+        i += 1;
+    }
+    quoted
 }
 
 /// The target sample: `budget` samples (stratified when labels are used, a seeded random
@@ -316,9 +391,18 @@ fn hold_out(
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0xe7a1));
     let (mut fit, mut eval) = (Vec::new(), Vec::new());
     for (class, mut members) in groups {
+        if members.len() < 2 && !labelled {
+            bail!(
+                "the sample holds {} item(s): at least two are needed, one to fit on and one to evaluate on",
+                members.len()
+            );
+        }
         if members.len() < 2 {
             bail!(
-                "class {class} has {} sample(s) in the drawn sample: at least two are needed, one to fit on and one to evaluate on",
+                "class {class} ({}) has {} sample(s) in the drawn sample: at least two are needed, one to fit on and one to evaluate on",
+                data.classes
+                    .get(class as usize)
+                    .map_or("unnamed", String::as_str),
                 members.len()
             );
         }
@@ -594,4 +678,29 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_row_is_not_a_class_and_quoted_commas_stay_in_the_text() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let csv = dir.path().join("s.csv");
+        std::fs::write(
+            &csv,
+            "label,text\nA,\"one, two\"\nB,say \"\"hi\"\"\nA,\"two\nlines\"\n",
+        )?;
+        let (data, labelled) = read_text_csv(&csv)?;
+        assert!(labelled);
+        assert_eq!(data.classes, ["A", "B"]);
+        assert_eq!(data.labels, [0, 1, 0]);
+        let Inputs::Texts(texts) = &data.inputs else {
+            anyhow::bail!("texts expected");
+        };
+        assert_eq!(texts[0], "one, two");
+        assert_eq!(texts[2], "two\nlines");
+        Ok(())
+    }
 }

@@ -123,3 +123,85 @@ fn a_folder_of_labelled_images_gets_every_score() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("odd.png") && err.contains("8x8"), "{err}");
 }
+
+/// `rank` on a sample that cannot support an estimate: the exit status and the message.
+fn refused(dir: &Path, samples: &Path) -> String {
+    std::fs::write(dir.join("zoo.yaml"), ZOO).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args([
+            "rank",
+            "--zoo",
+            dir.join("zoo.yaml").to_str().unwrap(),
+            "--quiet",
+        ])
+        .args(["--cache", dir.join("cache").to_str().unwrap()])
+        .arg("--data-root")
+        .arg(data_root())
+        .arg("--samples")
+        .arg(samples)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "ranked {}: {err}", samples.display());
+    assert!(
+        out.stdout.is_empty(),
+        "printed a ranking for {}",
+        samples.display()
+    );
+    err
+}
+
+#[test]
+fn degenerate_samples_get_no_ranking() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two classes of identical black images.
+    let black = tmp.path().join("black");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(black.join(class)).unwrap();
+        for i in 0..6 {
+            image::GrayImage::new(16, 16)
+                .save(black.join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    let err = refused(tmp.path(), &black);
+    assert!(
+        err.contains("target fitting features are constant"),
+        "{err}"
+    );
+    // One unlabeled image.
+    let one = tmp.path().join("one");
+    std::fs::create_dir_all(&one).unwrap();
+    image::GrayImage::from_fn(16, 16, |x, y| image::Luma([(x * 16 + y) as u8]))
+        .save(one.join("x.png"))
+        .unwrap();
+    assert!(refused(tmp.path(), &one).contains("the sample holds 1 item(s)"));
+    // An empty class folder next to a full one.
+    std::fs::create_dir_all(black.join("c")).unwrap();
+    let err = refused(tmp.path(), &black);
+    assert!(
+        err.contains("the class folder holds no .png/.jpg/.jpeg images") && err.contains("/c"),
+        "{err}"
+    );
+    // CSV rows that are not `label,text` samples, each named by its line.
+    for (text, message) in [
+        ("label,text\nA,\nB,x\n", "line 2: the text is empty"),
+        (
+            "A,hello\nB,\"open quote\nA,more\n",
+            "line 2: a quoted field is not closed",
+        ),
+        (
+            "A,hello,there\n",
+            "line 1: expected `label,text` or `text`, got 3 fields",
+        ),
+        ("A,hello\n,world\n", "line 2: the label is empty"),
+    ] {
+        let csv = tmp.path().join("s.csv");
+        std::fs::write(&csv, text).unwrap();
+        let err = refused(tmp.path(), &csv);
+        assert!(
+            err.contains(&format!("s.csv: {message}")),
+            "{text:?}: {err}"
+        );
+    }
+}
