@@ -269,7 +269,17 @@ impl Model {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e.to_string()))?;
         let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-        self.varmap.save(&tmp)?;
+        // Serialised here and written with `fs::write`, so that the file gets the user's
+        // umask like every other output (safetensors' own writer creates it mode 0600).
+        let bytes = {
+            let vars = self.lock_vars()?;
+            let tensors: std::collections::BTreeMap<&str, &Tensor> = vars
+                .iter()
+                .map(|(name, var)| (name.as_str(), var.as_tensor()))
+                .collect();
+            safetensors::serialize(tensors, None).map_err(|e| Error::file(&tmp, e.to_string()))?
+        };
+        std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, e.to_string()))?;
         std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))
             .map_err(|e| Error::file(dir, e.to_string()))?;
         self.encoder.save_extras(dir)?;

@@ -8,8 +8,14 @@
 //! - `features/<key>.safetensors`: key = sha256 of the weights hash, dataset, split, class
 //!   subset, sample indices and the preprocessing description.
 //!
-//! Everything is written beside its final name and renamed into place, so a killed run never
-//! leaves a half-written entry.
+//! Everything is written beside its final name under a name holding the process id and
+//! renamed into place, so a killed run never leaves a half-written entry, and temporary files
+//! of processes that no longer run are removed by the next run ([`clean_stale_temps`]). Each
+//! entry carries a checksum of its content (features: `content_sha256` in the file's metadata;
+//! models: `weights_sha256` in `source.json`), checked on every read: an entry that is
+//! missing, unreadable or does not match is recomputed, with a line on stderr saying so, and
+//! replaced by a rename (never removed first), so processes sharing one cache always find
+//! either the old entry or the new one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -136,6 +142,119 @@ pub struct ReadySource {
 struct SourceRecord {
     test_accuracy: Option<f64>,
     seconds: f64,
+    /// [`weights_hash`] of the checkpoint folder when it was written (trained sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights_sha256: Option<String>,
+}
+
+/// The record of the trained source in `dir` when the entry is whole: `source.json` parses
+/// and the checkpoint's content matches the checksum it holds.
+fn cached_source(dir: &Path) -> Option<SourceRecord> {
+    let path = dir.join("source.json");
+    let bytes = std::fs::read(&path).ok()?;
+    let record: SourceRecord = match serde_json::from_slice(&bytes) {
+        Ok(record) => record,
+        Err(e) => {
+            damaged(&path, format!("not a source record ({e})"));
+            return None;
+        }
+    };
+    match weights_hash(&dir.display().to_string()) {
+        Ok(hash) if record.weights_sha256.as_deref() == Some(hash.as_str()) => Some(record),
+        Ok(_) => {
+            damaged(dir, "the checkpoint does not match its checksum");
+            None
+        }
+        Err(e) => {
+            damaged(dir, e);
+            None
+        }
+    }
+}
+
+/// Says on stderr that a cache entry cannot be used and is being recomputed.
+fn damaged(path: &Path, why: impl std::fmt::Display) {
+    eprintln!("cache: {}: {why}; recomputing it", path.display());
+}
+
+/// Checksum of a feature set's content: values, labels and class names.
+fn content_sha256(set: &FeatureSet) -> String {
+    let mut hasher = Sha256::new();
+    for v in &set.values {
+        hasher.update(v.to_le_bytes());
+    }
+    hasher.update(format!("{} {} {:?} {:?}", set.n, set.d, set.labels, set.classes).as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Puts the complete folder `tmp` at `dir`, replacing what is there by renames only: the old
+/// entry is renamed aside, the new one renamed in, then the old one removed.
+fn publish_dir(tmp: &Path, dir: &Path) -> anyhow::Result<()> {
+    if std::fs::rename(tmp, dir).is_ok() {
+        return Ok(());
+    }
+    let aside = dir.with_extension(format!("stale-{}", std::process::id()));
+    std::fs::rename(dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
+    std::fs::rename(tmp, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
+}
+
+/// Whether process `pid` runs on this machine (`None` where that cannot be told).
+fn process_alive(pid: u32) -> Option<bool> {
+    let proc = Path::new("/proc");
+    proc.join("self")
+        .exists()
+        .then(|| proc.join(pid.to_string()).exists())
+}
+
+/// Removes the temporary files and folders (`*.tmp-<pid>*`, `*.stale-<pid>*`) in `dir` left by
+/// processes that no longer run (where that cannot be told: older than a day). Returns how
+/// many were removed.
+pub fn clean_stale_temps(dir: &Path) -> anyhow::Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = ["tmp-", "stale-"].iter().find_map(|mark| {
+            let at = name.find(&format!(".{mark}"))? + mark.len() + 1;
+            let digits: String = name[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u32>().ok()
+        });
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let stale = match process_alive(pid) {
+            Some(alive) => !alive,
+            None => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 86_400),
+        };
+        if stale {
+            let path = entry.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Runs cells, holding loaded datasets and cache locations.
@@ -153,6 +272,10 @@ pub struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     pub fn new(plan: &'a Plan, data_root: &Path, cache: &Path, device: Device) -> Self {
+        for sub in ["models", "features", "source-eval"] {
+            // Best effort: a temporary file that cannot be removed now is tried again later.
+            let _ = clean_stale_temps(&cache.join(sub));
+        }
         Self {
             plan,
             data_root: data_root.to_path_buf(),
@@ -250,18 +373,16 @@ impl<'a> Engine<'a> {
                     .as_bytes(),
                 );
                 let dir = self.cache.join("models").join(&key);
-                let record_path = dir.join("source.json");
-                if !record_path.is_file() {
-                    let model = self.load_with(&base, seed, source.layers, source.random_init)?;
-                    self.train_source(model, &base, &source.from, train_on, &cfg, &dir)?;
-                }
-                let record: SourceRecord = serde_json::from_slice(
-                    &std::fs::read(&record_path)
-                        .with_context(|| format!("reading {}", record_path.display()))?,
-                )
-                .with_context(|| format!("parsing {}", record_path.display()))?;
+                let record = match cached_source(&dir) {
+                    Some(record) => record,
+                    None => {
+                        let model =
+                            self.load_with(&base, seed, source.layers, source.random_init)?;
+                        self.train_source(model, &base, &source.from, train_on, &cfg, &dir)?
+                    }
+                };
                 ReadySource {
-                    weights: weights_hash(&dir.display().to_string())?,
+                    weights: record.weights_sha256.unwrap_or_default(),
                     reference: ModelRef::Path(dir),
                     test_accuracy: record.test_accuracy,
                     layers: None,
@@ -282,7 +403,7 @@ impl<'a> Engine<'a> {
         train_on: DatasetName,
         cfg: &TrainConfig,
         dir: &Path,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<SourceRecord> {
         let start = Instant::now();
         let train_set = self.dataset(train_on)?.0.clone();
         if *base == ModelRef::Lenet200 {
@@ -302,17 +423,15 @@ impl<'a> Engine<'a> {
         let record = SourceRecord {
             test_accuracy: Some(test.accuracy),
             seconds: start.elapsed().as_secs_f64(),
+            weights_sha256: Some(weights_hash(&tmp.display().to_string())?),
         };
         write_atomic(
             &tmp.join("source.json"),
             serde_json::to_string_pretty(&record)?.as_bytes(),
         )?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        std::fs::rename(&tmp, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+        publish_dir(&tmp, dir)?;
         self.add_time("source", start);
-        Ok(())
+        Ok(record)
     }
 
     /// The test split a source is evaluated on: `measure.test_per_class` per class (seed 0)
@@ -343,9 +462,10 @@ impl<'a> Engine<'a> {
                 .map_or("all".to_string(), |n| n.to_string())
         ));
         if let Ok(bytes) = std::fs::read(&path) {
-            let record: SourceRecord = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing {}", path.display()))?;
-            return Ok(record.test_accuracy);
+            match serde_json::from_slice::<SourceRecord>(&bytes) {
+                Ok(record) => return Ok(record.test_accuracy),
+                Err(e) => damaged(&path, format!("not a source record ({e})")),
+            }
         }
         let start = Instant::now();
         let model = self.load_ready(ready, seed)?;
@@ -358,6 +478,7 @@ impl<'a> Engine<'a> {
         let record = SourceRecord {
             test_accuracy: accuracy,
             seconds: start.elapsed().as_secs_f64(),
+            weights_sha256: None,
         };
         write_atomic(&path, serde_json::to_string_pretty(&record)?.as_bytes())?;
         self.add_time("source", start);
@@ -386,7 +507,13 @@ impl<'a> Engine<'a> {
             .join("features")
             .join(format!("{key}.safetensors"));
         if path.is_file() {
-            return Ok(FeatureSet::load(&path)?);
+            match FeatureSet::load(&path) {
+                Ok(set) if set.metadata.get("content_sha256") == Some(&content_sha256(&set)) => {
+                    return Ok(set);
+                }
+                Ok(_) => damaged(&path, "its content does not match its checksum"),
+                Err(e) => damaged(&path, e),
+            }
         }
         let start = Instant::now();
         let tensor = train::features(model, data, indices, 256, true)?;
@@ -398,7 +525,9 @@ impl<'a> Engine<'a> {
             ("preprocessing".to_string(), preprocessing),
             ("weights_sha256".to_string(), weights.to_string()),
         ]);
-        let set = FeatureSet::new(values, n, d, Some(labels), data.classes.clone(), metadata)?;
+        let mut set = FeatureSet::new(values, n, d, Some(labels), data.classes.clone(), metadata)?;
+        let checksum = content_sha256(&set);
+        set.metadata.insert("content_sha256".into(), checksum);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;

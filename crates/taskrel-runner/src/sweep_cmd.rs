@@ -190,6 +190,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| opts.results.join(".cache"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for dir in [out.clone(), out.join("plots")] {
+        crate::engine::clean_stale_temps(&dir)?;
+    }
     write_atomic(
         &out.join(CONFIG_FILE),
         crate::yaml::to_string(&plan.sweep)?.as_bytes(),

@@ -314,3 +314,71 @@ fn malformed_sweeps_fail_before_writing_anything() {
         }
     }
 }
+
+#[test]
+fn a_damaged_or_edited_cache_entry_is_recomputed_and_stale_temp_files_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let only = ["--only", "lenet_mnist__usps__s0"];
+    let first = tmp.path().join("first");
+    run_smoke(&first, &cache, &only);
+    let want = rows_without_timings(&first.join("smoke/cells.csv"));
+    let mut features: Vec<PathBuf> = std::fs::read_dir(cache.join("features"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    features.sort();
+    assert!(features.len() >= 2, "{features:?}");
+    // A truncated entry, and a whole one whose labels were shifted by hand.
+    let bytes = std::fs::read(&features[0]).unwrap();
+    std::fs::write(&features[0], &bytes[..bytes.len() / 2]).unwrap();
+    let mut edited = taskrel_score::FeatureSet::load(&features[1]).unwrap();
+    let k = edited.classes.len() as u32;
+    for y in edited.labels.iter_mut().flatten() {
+        *y = (*y + 1) % k;
+    }
+    edited.save(&features[1]).unwrap();
+    // A checkpoint with a byte more, and temporary files of a process that no longer runs
+    // (above Linux's largest process id).
+    let model_dir = std::fs::read_dir(cache.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let weights = model_dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes.push(0);
+    std::fs::write(&weights, bytes).unwrap();
+    let stale = [
+        cache.join("features/abc.tmp-4194305"),
+        cache.join("models/abc.tmp-4194305"),
+    ];
+    std::fs::write(&stale[0], b"partial").unwrap();
+    std::fs::create_dir_all(&stale[1]).unwrap();
+
+    let second = tmp.path().join("second");
+    let out = run_smoke(&second, &cache, &only);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (what, path) in [
+        ("truncated features", features[0].display().to_string()),
+        ("edited features", features[1].display().to_string()),
+        ("checkpoint", model_dir.display().to_string()),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&path) && l.contains("recomputing")),
+            "{what} not reported as recomputed:\n{err}"
+        );
+    }
+    assert_eq!(rows_without_timings(&second.join("smoke/cells.csv")), want);
+    for p in &stale {
+        assert!(!p.exists(), "{} left in place", p.display());
+    }
+    // Healed: a third run uses every entry as it is.
+    let out = run_smoke(&tmp.path().join("third"), &cache, &only);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("recomputing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
