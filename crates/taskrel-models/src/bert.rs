@@ -84,6 +84,18 @@ impl BertConfig {
         let config: Self = serde_json::from_value(value.clone())
             .map_err(|e| Error::file(source, format!("not a BERT config: {e}")))?;
         let bad = |msg: String| Err(Error::file(source, msg));
+        for (key, value) in [
+            ("vocab_size", config.vocab_size),
+            ("hidden_size", config.hidden_size),
+            ("num_hidden_layers", config.num_hidden_layers),
+            ("intermediate_size", config.intermediate_size),
+            ("max_position_embeddings", config.max_position_embeddings),
+            ("type_vocab_size", config.type_vocab_size),
+        ] {
+            if value == 0 {
+                return bad(format!("{key} must be positive, got 0"));
+            }
+        }
         if config.num_attention_heads == 0
             || !config
                 .hidden_size

@@ -293,7 +293,8 @@ impl Model {
 
     /// Loads every variable from a safetensors file written by [`Model::save`].
     pub(crate) fn load_weights(&self, path: &Path) -> Result<()> {
-        let tensors = candle_core::safetensors::load(path, &self.device)?;
+        let tensors = candle_core::safetensors::load(path, &self.device)
+            .map_err(|e| Error::file(path, format!("not a safetensors file ({e})")))?;
         let n = self.lock_vars()?.len();
         if tensors.len() != n {
             return Err(Error::file(

@@ -261,7 +261,8 @@ fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<M
         model.reinitialize(options.seed)?;
         return Ok(model);
     }
-    let tensors = candle_core::safetensors::load(&files.weights, &Device::Cpu)?;
+    let tensors = candle_core::safetensors::load(&files.weights, &Device::Cpu)
+        .map_err(|e| Error::file(&files.weights, format!("not a safetensors file ({e})")))?;
     model.assign(&files.weights, tensors.into_iter().collect(), |name| {
         Some(name.strip_prefix("bert.").unwrap_or(name).to_string())
     })?;
@@ -280,11 +281,15 @@ fn load_pth(path: &Path, options: &LoadOptions) -> Result<Model> {
         Arch::CcexamMnist
     } else {
         let names: Vec<&str> = tensors.iter().take(6).map(|(n, _)| n.as_str()).collect();
+        let found = if names.is_empty() {
+            "it holds no tensors".to_string()
+        } else {
+            format!("tensors {}", names.join(", "))
+        };
         return Err(Error::file(
             path,
             format!(
-                "unrecognised architecture (tensors {}); expected a ccexam MNIST, USPS or SVHN CNN",
-                names.join(", ")
+                "unrecognised architecture ({found}); expected a ccexam MNIST, USPS or SVHN CNN"
             ),
         ));
     };

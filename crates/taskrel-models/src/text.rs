@@ -135,6 +135,24 @@ impl BertEncoder {
     ) -> Result<Self> {
         let mut tokenizer = Tokenizer::from_file(tokenizer_path)
             .map_err(|e| Error::file(tokenizer_path, format!("cannot read tokenizer: {e}")))?;
+        // Every id the tokenizer can produce must have a row in the word embeddings, and
+        // every position a row in the position table.
+        let vocab = tokenizer.get_vocab_size(true);
+        if vocab > config.vocab_size {
+            return Err(Error::file(
+                tokenizer_path,
+                format!(
+                    "the tokenizer has {vocab} tokens but the model's vocab_size is {}",
+                    config.vocab_size
+                ),
+            ));
+        }
+        if input.max_len == 0 || input.max_len > config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "max_len {} is outside 1..={}, the model's max_position_embeddings",
+                input.max_len, config.max_position_embeddings
+            )));
+        }
         let (pad_id, pad_token) = tokenizer
             .get_padding()
             .map(|p| (p.pad_id, p.pad_token.clone()))

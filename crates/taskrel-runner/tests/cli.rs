@@ -313,3 +313,110 @@ fn zero_counts_and_empty_shards_are_refused() {
         );
     }
 }
+
+#[test]
+fn broken_model_files_and_impossible_lengths_are_named() {
+    let root = data_root();
+    let minilm = root.join("models/all-MiniLM-L6-v2");
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of MiniLM with one file replaced.
+    let variant = |name: &str, file: &str, bytes: &[u8]| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for entry in std::fs::read_dir(&minilm).unwrap() {
+            let p = entry.unwrap().path();
+            let target = d.join(p.file_name().unwrap());
+            if p.file_name().unwrap() != file {
+                std::os::unix::fs::symlink(&p, target).unwrap();
+            }
+        }
+        std::fs::write(d.join(file), bytes).unwrap();
+        d
+    };
+    let truncated = variant("truncated", "model.safetensors", b"abc");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(minilm.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 0.into();
+    let no_layers = variant("no_layers", "config.json", config.to_string().as_bytes());
+    let empty_pth = dir.path().join("empty.pth");
+    {
+        // A zip holding a pickle of an empty dict: a state dict with no tensors.
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1], 'w'); \
+                 z.writestr('archive/data.pkl', b'\\x80\\x02}q\\x00.'); z.close()",
+                empty_pth.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let minilm_arg = minilm.to_str().unwrap();
+    let cases: [(Vec<&str>, String); 5] = [
+        (
+            vec![
+                "embed",
+                "--model",
+                truncated.to_str().unwrap(),
+                "--text",
+                "hi",
+            ],
+            format!(
+                "{}: not a safetensors file (header too small)",
+                truncated.join("model.safetensors").display()
+            ),
+        ),
+        (
+            vec![
+                "embed",
+                "--model",
+                no_layers.to_str().unwrap(),
+                "--text",
+                "hi",
+            ],
+            "config.json: num_hidden_layers must be positive, got 0".into(),
+        ),
+        (
+            vec![
+                "embed",
+                "--model",
+                minilm_arg,
+                "--max-len",
+                "0",
+                "--text",
+                "hi",
+            ],
+            "max_len 0 is outside 1..=512".into(),
+        ),
+        (
+            vec![
+                "embed",
+                "--model",
+                minilm_arg,
+                "--max-len",
+                "513",
+                "--text",
+                "hi",
+            ],
+            "max_len 513 is outside 1..=512, the model's max_position_embeddings".into(),
+        ),
+        (
+            vec![
+                "embed",
+                "--model",
+                empty_pth.to_str().unwrap(),
+                "--text",
+                "hi",
+            ],
+            "empty.pth: unrecognised architecture (it holds no tensors)".into(),
+        ),
+    ];
+    for (args, message) in cases {
+        let out = taskrel(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&message), "{args:?}: {stderr}");
+    }
+}
