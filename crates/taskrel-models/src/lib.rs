@@ -24,6 +24,7 @@ mod kernels;
 mod model;
 mod optim;
 pub mod preprocess;
+mod pth;
 mod reference;
 mod spec;
 pub mod text;

@@ -270,8 +270,7 @@ fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<M
 }
 
 fn load_pth(path: &Path, options: &LoadOptions) -> Result<Model> {
-    let tensors = candle_core::pickle::read_all(path)
-        .map_err(|e| Error::file(path, format!("not a PyTorch state dict: {e}")))?;
+    let tensors = crate::pth::read_state_dict(path)?;
     let has = |name: &str| tensors.iter().any(|(n, _)| n == name);
     let arch = if has("features.0.0.weight") {
         Arch::CcexamSvhn
