@@ -204,7 +204,7 @@ fn publish_dir(tmp: &Path, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Whether process `pid` runs on this machine (`None` where that cannot be told).
-fn process_alive(pid: u32) -> Option<bool> {
+pub fn process_alive(pid: u32) -> Option<bool> {
     let proc = Path::new("/proc");
     proc.join("self")
         .exists()

@@ -23,6 +23,45 @@ const BOOTSTRAP_RESAMPLES: usize = 1000;
 const BOOTSTRAP_SEED: u64 = 0;
 
 /// The finished cells of a results folder.
+/// A cell being computed by this process; the claim file goes when it is dropped.
+#[derive(Debug)]
+pub struct Claim {
+    path: PathBuf,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Best effort: a claim left behind is taken over as stale by the next run.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// This machine's name, as claims record it.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Whether a claim (`"<pid> <host>"`) was left by a process that no longer runs.
+fn claim_is_stale(path: &Path, holder: &str) -> bool {
+    let mut parts = holder.split_whitespace();
+    let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let same_host = parts.next() == Some(host().as_str());
+    match (pid, same_host) {
+        (Some(pid), true) => crate::engine::process_alive(pid) == Some(false),
+        // Another host, or a claim cut short by a kill while it was written.
+        _ => std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() > if pid.is_none() { 60 } else { 86_400 }),
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     pub dir: PathBuf,
@@ -45,6 +84,48 @@ impl Store {
 
     pub fn is_done(&self, id: &str) -> bool {
         self.cell_path(id).is_file()
+    }
+
+    /// Claims cell `id` for this process (`cells/<id>.claim`, created only if absent, holding
+    /// the process id and host), so that runs sharing this folder compute each cell once.
+    /// `None` while another live process holds the claim; a claim left by a process that no
+    /// longer runs on this host (or, from another host, older than a day) is taken over.
+    pub fn claim(&self, id: &str) -> anyhow::Result<Option<Claim>> {
+        let dir = self.cells_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{id}.claim"));
+        let me = format!("{} {}", std::process::id(), host());
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(me.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    return Ok(Some(Claim { path }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    if !claim_is_stale(&path, &holder) {
+                        return Ok(None);
+                    }
+                    // Taken over: removed, then created again above (a racing process that
+                    // also found it stale loses the `create_new`).
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("removing {}", path.display()));
+                        }
+                    }
+                }
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        Ok(None)
     }
 
     /// Records a finished cell.

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::engine::{Engine, write_atomic};
 use crate::results::{self, Store, Table};
-use crate::sweep::{Plan, ScoreKind, Sweep};
+use crate::sweep::{Cell, Plan, ScoreKind, Sweep};
 
 const CONFIG_FILE: &str = "config.yaml";
 const CELLS_CSV: &str = "cells.csv";
@@ -190,7 +190,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| opts.results.join(".cache"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    for dir in [out.clone(), out.join("plots")] {
+    for dir in [out.clone(), out.join("plots"), out.join("cells")] {
         crate::engine::clean_stale_temps(&dir)?;
     }
     write_atomic(
@@ -222,8 +222,18 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(plan.name.clone());
-    let (mut ran, mut skipped, mut rescored) = (0usize, 0usize, 0usize);
-    for cell in &selected {
+    let (mut ran, mut skipped, mut rescored, mut elsewhere) = (0usize, 0usize, 0usize, 0usize);
+    // Cells another live run is computing: waited for at the end (or taken over if that run
+    // dies).
+    let mut pending: Vec<&Cell> = Vec::new();
+    let mut queue: std::collections::VecDeque<&Cell> = selected.iter().copied().collect();
+    while let Some(cell) = queue.pop_front() {
+        if rescore.is_empty() && pending.contains(&cell) && store.is_done(&cell.id) {
+            pending.retain(|c| c.id != cell.id);
+            elsewhere += 1;
+            bar.inc(1);
+            continue;
+        }
         if store.is_done(&cell.id) {
             if !rescore.is_empty() {
                 let stage = |s: &str| bar.set_message(format!("{}: rescore {s}", cell.id));
@@ -238,6 +248,25 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             bar.inc(1);
             continue;
         }
+        let Some(claim) = store.claim(&cell.id)? else {
+            if !pending.contains(&cell) {
+                pending.push(cell);
+            }
+            queue.push_back(cell);
+            if queue.iter().all(|c| pending.contains(c)) {
+                // Only cells other runs are computing are left: poll.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            continue;
+        };
+        pending.retain(|c| c.id != cell.id);
+        if store.is_done(&cell.id) {
+            // Finished by another run between the check above and the claim.
+            drop(claim);
+            elsewhere += 1;
+            bar.inc(1);
+            continue;
+        }
         let t = Instant::now();
         let stage = |s: &str| bar.set_message(format!("{}: {s}", cell.id));
         let mut row = engine
@@ -245,6 +274,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             .with_context(|| format!("cell {}", cell.id))?;
         row.insert("seconds_total".into(), json!(t.elapsed().as_secs_f64()));
         store.put(&cell.id, &row)?;
+        drop(claim);
         results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
         ran += 1;
         bar.inc(1);
@@ -277,6 +307,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         "cells_selected": selected.len(),
         "cells_run": ran,
         "cells_already_done": skipped,
+        "cells_run_by_another_process": elsewhere,
         "cells_rescored": rescored,
         "rescored_scores": opts.rescore,
         "cells_finished": finished,
@@ -289,7 +320,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     println!(
-        "{}: {ran} cells run, {skipped} already done ({rescored} rescored), {finished} of {} in {}",
+        "{}: {ran} cells run, {skipped} already done ({rescored} rescored), {elsewhere} run by another process, {finished} of {} in {}",
         plan.name,
         plan.cells.len(),
         out.join(CELLS_CSV).display()

@@ -206,6 +206,65 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     }
     run_smoke(&killed, &killed_cache, &[]);
     assert_eq!(rows_without_timings(&killed.join("smoke/cells.csv")), rows);
+    // Nothing temporary is left: no temp files, claims or entries moved aside.
+    let mut left = Vec::new();
+    let mut dirs = vec![killed.clone(), killed_cache.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if [".tmp-", ".stale-", ".claim"]
+                .iter()
+                .any(|m| name.contains(m))
+            {
+                left.push(p.clone());
+            }
+            if p.is_dir() {
+                dirs.push(p);
+            }
+        }
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // Two runs at once on one results folder and one empty cache: each cell is computed by
+    // one of them, and both end with the rows of a single run.
+    let (shared, shared_cache) = (tmp.path().join("shared"), tmp.path().join("shared-cache"));
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            command(&[
+                "run",
+                &smoke(),
+                "--results",
+                shared.to_str().unwrap(),
+                "--cache",
+                shared_cache.to_str().unwrap(),
+                "--quiet",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut computed = 0;
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n: usize = stdout
+            .split("smoke: ")
+            .nth(1)
+            .and_then(|s| s.split(" cells run").next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no cell count in {stdout:?}"));
+        computed += n;
+    }
+    assert_eq!(computed, 5, "cells computed by the two runs together");
+    assert_eq!(rows_without_timings(&shared.join("smoke/cells.csv")), rows);
 }
 
 fn write_sweep(dir: &Path, text: &str) -> PathBuf {
