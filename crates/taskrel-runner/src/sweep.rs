@@ -524,7 +524,12 @@ impl Sweep {
 
     /// An error at the key `keys` (a path of nested mapping keys) of the file, placed at its
     /// line and column when the file writes it, else at its closest written parent.
-    fn error_at(&self, path: &Path, keys: &[&str], message: impl fmt::Display) -> anyhow::Error {
+    pub fn error_at(
+        &self,
+        path: &Path,
+        keys: &[&str],
+        message: impl fmt::Display,
+    ) -> anyhow::Error {
         let key = keys.join(".");
         match locate(&self.text, keys) {
             Some((line, column)) => {

@@ -16,9 +16,124 @@ use crate::sweep::{Cell, Plan, ScoreKind, Sweep};
 const CONFIG_FILE: &str = "config.yaml";
 const CELLS_CSV: &str = "cells.csv";
 
-/// Reads and validates a sweep file.
+/// Reads and validates a sweep file (with `check_files`, also that the data can supply every
+/// per-class sample it asks for).
 pub fn load_plan(path: &Path, data_root: &Path, check_files: bool) -> anyhow::Result<Plan> {
-    Sweep::read(path)?.plan(path, data_root, check_files)
+    let plan = Sweep::read(path)?.plan(path, data_root, check_files)?;
+    if check_files {
+        check_sample_sizes(&plan, path, data_root)?;
+    }
+    Ok(plan)
+}
+
+/// Every per-class request against the smallest class of the split it is drawn from: target
+/// samples from the odd half of each target's train split, reference samples from the even
+/// half of each reference dataset's train split, fine-tuning samples from each target's train
+/// split.
+fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Result<()> {
+    use taskrel_data::DatasetName;
+    let mut loaded: std::collections::BTreeMap<DatasetName, taskrel_data::Dataset> =
+        std::collections::BTreeMap::new();
+    let mut train = |name: DatasetName| -> anyhow::Result<taskrel_data::Dataset> {
+        if let Some(d) = loaded.get(&name) {
+            return Ok(d.clone());
+        }
+        let ((train, _), _) =
+            crate::model_cmd::train_test(name, &data_root.join(name.as_str()))?;
+        loaded.insert(name, train.clone());
+        Ok(train)
+    };
+    let smallest = |d: &taskrel_data::Dataset| -> (usize, usize) {
+        d.class_counts()
+            .into_iter()
+            .enumerate()
+            .map(|(c, n)| (n, c))
+            .min()
+            .map_or((0, 0), |(n, c)| (c, n))
+    };
+    let sweep = &plan.sweep;
+    let cells_use = |pred: &dyn Fn(&crate::sweep::Cell) -> bool| plan.cells.iter().any(pred);
+    for target in plan.targets.values() {
+        if !cells_use(&|c| c.target == target.name) {
+            continue;
+        }
+        let split = train(target.dataset)?;
+        let pool = crate::engine::target_pool(&split, target.classes.as_deref())?;
+        let (class, n) = smallest(&pool);
+        if sweep.score.target_per_class > n {
+            return Err(sweep.error_at(
+                path,
+                &["score", "target_per_class"],
+                format!(
+                    "target {} has {n} samples of class {class} ({}) to draw from (the odd half of {}/train), {} asked",
+                    target.name,
+                    pool.classes.get(class).map_or("?", String::as_str),
+                    target.dataset,
+                    sweep.score.target_per_class
+                ),
+            ));
+        }
+        let full = match &target.classes {
+            Some(c) => split.subset_classes(c)?,
+            None => split,
+        };
+        let (class, n) = smallest(&full);
+        if let Some(asked) = sweep.finetune.per_class.filter(|&k| k > n) {
+            return Err(sweep.error_at(
+                path,
+                &["finetune", "per_class"],
+                format!(
+                    "target {} has {n} training samples of class {class} ({}), {asked} asked",
+                    target.name,
+                    full.classes.get(class).map_or("?", String::as_str),
+                ),
+            ));
+        }
+    }
+    for source in plan.sources.values() {
+        let (Some(train_on), Some(asked)) = (source.train_on, sweep.pretrain.per_class) else {
+            continue;
+        };
+        if !cells_use(&|c| c.model == source.name) {
+            continue;
+        }
+        let split = train(train_on)?;
+        let (class, n) = smallest(&split);
+        if asked > n {
+            return Err(sweep.error_at(
+                path,
+                &["pretrain", "per_class"],
+                format!(
+                    "model {} trains on {train_on}, which has {n} training samples of class {class} ({}), {asked} asked",
+                    source.name,
+                    split.classes.get(class).map_or("?", String::as_str),
+                ),
+            ));
+        }
+    }
+    if plan.scores.iter().any(|s| s.needs_reference()) {
+        for source in plan.sources.values() {
+            let Some(reference) = source.reference else { continue };
+            if !cells_use(&|c| c.model == source.name) {
+                continue;
+            }
+            let pool = crate::engine::reference_pool(&train(reference)?)?;
+            let (class, n) = smallest(&pool);
+            if sweep.score.reference_per_class > n {
+                return Err(sweep.error_at(
+                    path,
+                    &["score", "reference_per_class"],
+                    format!(
+                        "model {}'s reference task {reference} has {n} samples of class {class} ({}) to draw from (the even half of its train split), {} asked",
+                        source.name,
+                        pool.classes.get(class).map_or("?", String::as_str),
+                        sweep.score.reference_per_class
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `taskrel plan`.

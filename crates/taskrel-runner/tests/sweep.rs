@@ -355,6 +355,17 @@ fn malformed_sweeps_fail_before_writing_anything() {
             "class 10 is outside usps, whose classes are 0..9",
             ":5:",
         ),
+        // More samples per class than the data holds.
+        (
+            format!("{GOOD}score:\n  target_per_class: 600\n"),
+            "target t has 275 samples of class 5 (5) to draw from (the odd half of usps/train), 600 asked",
+            ":10:3:",
+        ),
+        (
+            format!("{GOOD}pretrain: {{per_class: 9000}}\n"),
+            "model m trains on mnist, which has 5421 training samples of class 5 (5), 9000 asked",
+            ":9:12:",
+        ),
     ];
     for (text, message, place) in cases {
         let path = write_sweep(tmp.path(), &text);
