@@ -458,12 +458,67 @@ fn resolve_from(
                 ),
             )
         })?;
+    looks_like_a_model(&resolved).map_err(|m| at(path, from, key, m))?;
     let modality = if resolved.is_dir() && resolved.join("config.json").is_file() {
         Modality::Text
     } else {
         Modality::Image
     };
     Ok((resolved.display().to_string(), modality))
+}
+
+/// Reads only headers: a `.pth` file must be a zip archive; a folder must hold a model
+/// (`config.json` or `taskrel.json`) and a `model.safetensors` whose header parses.
+fn looks_like_a_model(resolved: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let shown = resolved.display();
+    if resolved.is_file() {
+        if resolved.extension().and_then(|e| e.to_str()) != Some("pth") {
+            return Err(format!(
+                "{shown} is not a model: expected a PyTorch .pth file or a model folder"
+            ));
+        }
+        let mut magic = [0u8; 4];
+        std::fs::File::open(resolved)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        if &magic != b"PK\x03\x04" {
+            return Err(format!(
+                "{shown} is not a PyTorch .pth file (no zip archive header)"
+            ));
+        }
+        return Ok(());
+    }
+    if !["config.json", "taskrel.json"]
+        .iter()
+        .any(|f| resolved.join(f).is_file())
+    {
+        return Err(format!(
+            "{shown} is not a model folder: expected config.json (a Hugging Face BERT) or taskrel.json (a taskrel checkpoint)"
+        ));
+    }
+    let weights = resolved.join("model.safetensors");
+    let header = || -> std::io::Result<Option<serde_json::Value>> {
+        let mut f = std::fs::File::open(&weights)?;
+        let len = f.metadata()?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)?;
+        let n = u64::from_le_bytes(n);
+        if n > len.saturating_sub(8) || n > 100 << 20 {
+            return Ok(None);
+        }
+        let mut text = vec![0u8; n as usize];
+        f.read_exact(&mut text)?;
+        Ok(serde_json::from_slice(&text).ok())
+    };
+    match header() {
+        Ok(Some(serde_json::Value::Object(_))) => Ok(()),
+        Ok(_) => Err(format!(
+            "{}: not a safetensors file (its header does not parse)",
+            weights.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", weights.display())),
+    }
 }
 
 /// Line and column (1-based) of the nested mapping key `keys` in block-style YAML `text`, or

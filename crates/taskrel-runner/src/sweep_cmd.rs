@@ -38,8 +38,7 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         if let Some(d) = loaded.get(&name) {
             return Ok(d.clone());
         }
-        let ((train, _), _) =
-            crate::model_cmd::train_test(name, &data_root.join(name.as_str()))?;
+        let ((train, _), _) = crate::model_cmd::train_test(name, &data_root.join(name.as_str()))?;
         loaded.insert(name, train.clone());
         Ok(train)
     };
@@ -113,7 +112,9 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
     }
     if plan.scores.iter().any(|s| s.needs_reference()) {
         for source in plan.sources.values() {
-            let Some(reference) = source.reference else { continue };
+            let Some(reference) = source.reference else {
+                continue;
+            };
             if !cells_use(&|c| c.model == source.name) {
                 continue;
             }

@@ -287,6 +287,8 @@ grid:
 fn malformed_sweeps_fail_before_writing_anything() {
     let tmp = tempfile::tempdir().unwrap();
     let results = tmp.path().join("results");
+    let fake_pth = tmp.path().join("fake.pth");
+    std::fs::write(&fake_pth, "state_dict = {}\n").unwrap();
     let cases = [
         // A typo in a key.
         (
@@ -354,6 +356,23 @@ fn malformed_sweeps_fail_before_writing_anything() {
             GOOD.replace("{dataset: usps}", "{dataset: usps, classes: [0, 10]}"),
             "class 10 is outside usps, whose classes are 0..9",
             ":5:",
+        ),
+        // Model paths that exist but hold no model.
+        (
+            GOOD.replace(
+                "{from: lenet200, train_on: mnist}",
+                &format!("{{from: {}, reference: mnist}}", fake_pth.display()),
+            ),
+            "fake.pth is not a PyTorch .pth file (no zip archive header)",
+            ":3:",
+        ),
+        (
+            GOOD.replace(
+                "{from: lenet200, train_on: mnist}",
+                &format!("{{from: {}, reference: mnist}}", tmp.path().display()),
+            ),
+            "is not a model folder: expected config.json",
+            ":3:",
         ),
         // More samples per class than the data holds.
         (
