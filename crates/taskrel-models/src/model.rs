@@ -279,7 +279,11 @@ impl Model {
                 .collect();
             safetensors::serialize(tensors, None).map_err(|e| Error::file(&tmp, e.to_string()))?
         };
-        std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, e.to_string()))?;
+        if let Err(e) = std::fs::write(&tmp, bytes) {
+            // Nothing partial is left behind (the disk may be full).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::file(&tmp, e.to_string()));
+        }
         std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))
             .map_err(|e| Error::file(dir, e.to_string()))?;
         self.encoder.save_extras(dir)?;

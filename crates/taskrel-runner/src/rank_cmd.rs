@@ -504,7 +504,8 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     };
     let plan = sweep.plan(&opts.zoo, &opts.data_root, true)?;
     let drawn = draw(&data, labelled, opts.budget, opts.seed)?;
-    let (indices, eval_indices) = hold_out(&data, &drawn, labelled, opts.seed)?;
+    let (indices, eval_indices) =
+        hold_out(&data, &drawn, labelled, opts.seed).with_context(|| what.clone())?;
     let content = &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16];
     let sample = TargetSample {
         label: format!(
@@ -540,7 +541,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         };
         let (row, _) = engine
             .score_cell(&cell, &scores, &sample, &stage)
-            .with_context(|| format!("model {}", cell.model))?;
+            .with_context(|| format!("{what}: model {}", cell.model))?;
         rows.push(row);
         bar.inc(1);
     }

@@ -207,23 +207,16 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     run_smoke(&killed, &killed_cache, &[]);
     assert_eq!(rows_without_timings(&killed.join("smoke/cells.csv")), rows);
     // Nothing temporary is left: no temp files, claims or entries moved aside.
-    let mut left = Vec::new();
-    let mut dirs = vec![killed.clone(), killed_cache.clone()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let p = entry.unwrap().path();
+    let left: Vec<PathBuf> = [&killed, &killed_cache]
+        .into_iter()
+        .flat_map(|d| walk(d))
+        .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            if [".tmp-", ".stale-", ".claim"]
+            [".tmp", ".stale-", ".claim"]
                 .iter()
                 .any(|m| name.contains(m))
-            {
-                left.push(p.clone());
-            }
-            if p.is_dir() {
-                dirs.push(p);
-            }
-        }
-    }
+        })
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 
     // Two runs at once on one results folder and one empty cache: each cell is computed by
@@ -404,6 +397,22 @@ fn malformed_sweeps_fail_before_writing_anything() {
     }
 }
 
+/// Every path under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn a_damaged_or_edited_cache_entry_is_recomputed_and_stale_temp_files_go() {
     let tmp = tempfile::tempdir().unwrap();
@@ -412,6 +421,20 @@ fn a_damaged_or_edited_cache_entry_is_recomputed_and_stale_temp_files_go() {
     let first = tmp.path().join("first");
     run_smoke(&first, &cache, &only);
     let want = rows_without_timings(&first.join("smoke/cells.csv"));
+    // Entries are created with the user's umask, like any file the user creates, so that a
+    // shared cache is readable by the users it is shared with.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let probe = tmp.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let expected = mode(&probe);
+        for entry in walk(&cache) {
+            if entry.is_file() {
+                assert_eq!(mode(&entry), expected, "{}", entry.display());
+            }
+        }
+    }
     let mut features: Vec<PathBuf> = std::fs::read_dir(cache.join("features"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -185,8 +185,14 @@ impl FeatureSet {
             "classes".into(),
             serde_json::to_string(&self.classes).map_err(|e| io(&e))?,
         );
-        let tmp = path.with_extension("safetensors.tmp");
-        safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| io(&e))?;
+        // Written with `fs::write` (the user's umask; safetensors' own writer creates files
+        // mode 0600) under a name of this process, then renamed into place.
+        let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| io(&e))?;
+        let tmp = path.with_extension(format!("safetensors.tmp-{}", std::process::id()));
+        if let Err(e) = std::fs::write(&tmp, bytes) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&e));
+        }
         std::fs::rename(&tmp, path).map_err(|e| io(&e))
     }
 
