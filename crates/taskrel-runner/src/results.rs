@@ -23,6 +23,32 @@ const BOOTSTRAP_RESAMPLES: usize = 1000;
 const BOOTSTRAP_SEED: u64 = 0;
 
 /// The finished cells of a results folder.
+/// The key of a cell record holding the checksum of the rest of its row.
+const ROW_CHECKSUM: &str = "row_sha256";
+
+/// sha256 of a row's JSON (keys in order; numbers read back exactly, serde_json's
+/// `float_roundtrip`).
+fn row_checksum(row: &Row) -> anyhow::Result<String> {
+    Ok(crate::engine::sha256_hex(
+        serde_json::to_string(row)?.as_bytes(),
+    ))
+}
+
+/// A cell record, checked against its checksum (records written before rows carried one are
+/// taken as they are); the checksum key is removed from the returned row.
+fn read_row(path: &Path) -> Result<Row, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut row: Row =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a cell record ({e})"))?;
+    if let Some(stored) = row.remove(ROW_CHECKSUM) {
+        let actual = row_checksum(&row).map_err(|e| e.to_string())?;
+        if stored.as_str() != Some(actual.as_str()) {
+            return Err("the row does not match its checksum".into());
+        }
+    }
+    Ok(row)
+}
+
 /// A cell being computed by this process; the claim file goes when it is dropped.
 #[derive(Debug)]
 pub struct Claim {
@@ -82,6 +108,8 @@ impl Store {
         self.cells_dir().join(format!("{id}.json"))
     }
 
+    /// Whether the cell has a record (checked by [`Store::set_aside_damaged`] at the start of
+    /// a run).
     pub fn is_done(&self, id: &str) -> bool {
         self.cell_path(id).is_file()
     }
@@ -128,21 +156,52 @@ impl Store {
         Ok(None)
     }
 
-    /// Records a finished cell.
+    /// Records a finished cell, with a checksum of its row.
     pub fn put(&self, id: &str, row: &Row) -> anyhow::Result<()> {
+        let mut row = row.clone();
+        row.remove(ROW_CHECKSUM);
+        let checksum = row_checksum(&row)?;
+        row.insert(ROW_CHECKSUM.into(), Value::String(checksum));
         write_atomic(
             &self.cell_path(id),
-            serde_json::to_string_pretty(row)?.as_bytes(),
+            serde_json::to_string_pretty(&row)?.as_bytes(),
         )
     }
 
     /// One finished cell's row.
     pub fn get(&self, id: &str) -> anyhow::Result<Row> {
         let path = self.cell_path(id);
-        serde_json::from_slice(
-            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", path.display()))
+        read_row(&path).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))
+    }
+
+    /// Moves aside (`<cell>.json.damaged`) every cell record that does not parse or does not
+    /// match its checksum, saying so on stderr, so that the cell is computed again. Returns
+    /// how many.
+    pub fn set_aside_damaged(&self) -> anyhow::Result<usize> {
+        let dir = self.cells_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            if let Err(why) = read_row(&path) {
+                eprintln!(
+                    "results: {}: {why}; the cell is computed again",
+                    path.display()
+                );
+                let aside = path.with_extension("json.damaged");
+                std::fs::rename(&path, &aside)
+                    .with_context(|| format!("moving {} aside", path.display()))?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// Records the rows of a `cells.csv` whose cells have no record yet (a results folder as
@@ -201,10 +260,7 @@ impl Store {
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            let row: Row = serde_json::from_slice(
-                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("parsing {}", path.display()))?;
+            let row = read_row(&path).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
             let id = path
                 .file_stem()
                 .and_then(|s| s.to_str())

@@ -314,6 +314,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         crate::yaml::to_string(&plan.sweep)?.as_bytes(),
     )?;
     let store = Store::new(&out);
+    store.set_aside_damaged()?;
     if !rescore.is_empty() {
         let restored = store.restore_from_csv(&out.join(CELLS_CSV))?;
         if restored > 0 {

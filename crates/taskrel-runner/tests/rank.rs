@@ -179,7 +179,10 @@ fn degenerate_samples_get_no_ranking() {
     // A class folder that links outside the sample folder.
     std::os::unix::fs::symlink(&one, black.join("linked")).unwrap();
     let err = refused(tmp.path(), &black);
-    assert!(err.contains("the class folder points outside the sample folder"), "{err}");
+    assert!(
+        err.contains("the class folder points outside the sample folder"),
+        "{err}"
+    );
     std::fs::remove_file(black.join("linked")).unwrap();
     // An empty class folder next to a full one.
     std::fs::create_dir_all(black.join("c")).unwrap();

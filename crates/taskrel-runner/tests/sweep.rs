@@ -144,6 +144,41 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
         summary
     );
 
+    // `report` killed at several points leaves every output whole (the old one or the new
+    // one) and nothing temporary.
+    for delay_ms in [0, 5, 10, 20, 40, 80, 160] {
+        let mut child = command(&["report", out.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        for p in walk(&out) {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                !name.contains(".tmp"),
+                "{} left after a kill at {delay_ms} ms",
+                p.display()
+            );
+            if name.ends_with(".png") {
+                assert_eq!(&std::fs::read(&p).unwrap()[1..4], b"PNG", "{}", p.display());
+            }
+            if name.ends_with(".svg") || name.ends_with(".md") || name.ends_with(".csv") {
+                assert!(
+                    std::fs::metadata(&p).unwrap().len() > 0,
+                    "{} is empty",
+                    p.display()
+                );
+            }
+        }
+        assert_eq!(
+            std::fs::read_to_string(out.join("summary.md")).unwrap(),
+            summary
+        );
+    }
+
     // A second run finds every cell done and changes no row.
     let again = run_smoke(&results, &cache, &[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 cells run, 5 already done"));
@@ -367,6 +402,31 @@ fn malformed_sweeps_fail_before_writing_anything() {
             "is not a model folder: expected config.json",
             ":3:",
         ),
+        (
+            format!("{GOOD}finetune: {{epochs: 0}}\n"),
+            "finetune.epochs: expected a positive count, got 0",
+            ":9:12:",
+        ),
+        (
+            format!("{GOOD}finetune: {{lr: .inf}}\n"),
+            "finetune.lr: expected a positive finite rate, got inf",
+            ":9:",
+        ),
+        (
+            format!("{GOOD}pretrain: {{lr: -0.001}}\n"),
+            "pretrain.lr: expected a positive finite rate, got -0.001",
+            ":9:",
+        ),
+        (
+            format!("{GOOD}pretrain: {{per_class: 0}}\n"),
+            "pretrain.per_class: expected a positive count, got 0",
+            ":9:",
+        ),
+        (
+            format!("{GOOD}score:\n  reference_per_class: 0\n"),
+            "score.reference_per_class: expected at least 2 samples per class, got 0",
+            ":10:3:",
+        ),
         // More samples per class than the data holds.
         (
             format!("{GOOD}score:\n  target_per_class: 600\n"),
@@ -486,6 +546,20 @@ fn a_damaged_or_edited_cache_entry_is_recomputed_and_stale_temp_files_go() {
     for p in &stale {
         assert!(!p.exists(), "{} left in place", p.display());
     }
+    // A finished cell whose bound was edited by hand is computed again.
+    let record = first.join("smoke/cells/lenet_mnist__usps__s0.json");
+    let mut row: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    row["bound"] = 99.0.into();
+    std::fs::write(&record, serde_json::to_vec_pretty(&row).unwrap()).unwrap();
+    let out = run_smoke(&first, &cache, &only);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match its checksum; the cell is computed again"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 cells run"));
+    assert_eq!(rows_without_timings(&first.join("smoke/cells.csv")), want);
     // Healed: a third run uses every entry as it is.
     let out = run_smoke(&tmp.path().join("third"), &cache, &only);
     assert!(
