@@ -23,6 +23,100 @@ const BOOTSTRAP_RESAMPLES: usize = 1000;
 const BOOTSTRAP_SEED: u64 = 0;
 
 /// The finished cells of a results folder.
+/// `manifest.json` of a results folder: one entry per invocation that wrote the folder
+/// (`run`, `merge`), appended, so that a later `--rescore` keeps the first run's timings.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub sweep: String,
+    pub invocations: Vec<Invocation>,
+}
+
+/// One invocation that wrote a results folder. Fields that do not apply to a command are
+/// absent.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Invocation {
+    /// `run` or `merge`.
+    pub command: String,
+    pub taskrel_version: String,
+    pub git_revision: Option<String>,
+    pub git_dirty: Option<bool>,
+    pub started: String,
+    pub finished: String,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    pub cells_planned: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells_selected: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells_run: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells_already_done: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells_run_by_another_process: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells_rescored: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rescored_scores: Vec<String>,
+    pub cells_finished: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+    /// Seconds per stage in this invocation.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage_seconds: BTreeMap<String, f64>,
+}
+
+impl Manifest {
+    /// Appends `invocation` to `dir/manifest.json` (written through a rename). A manifest of
+    /// the earlier one-invocation form becomes the first entry; one that does not parse is
+    /// kept beside as `manifest.json.damaged`.
+    pub fn append(dir: &Path, sweep: &str, invocation: Invocation) -> anyhow::Result<()> {
+        let path = dir.join("manifest.json");
+        let mut manifest = match std::fs::read(&path) {
+            Err(_) => Manifest::default(),
+            Ok(bytes) => match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) => m,
+                Err(_) => match serde_json::from_slice::<Invocation>(&bytes) {
+                    Ok(mut earlier) if !earlier.started.is_empty() => {
+                        if earlier.command.is_empty() {
+                            earlier.command = if earlier.merged_from.is_empty() {
+                                "run".into()
+                            } else {
+                                "merge".into()
+                            };
+                        }
+                        Manifest {
+                            sweep: sweep.to_string(),
+                            invocations: vec![earlier],
+                        }
+                    }
+                    _ => {
+                        let aside = path.with_extension("json.damaged");
+                        eprintln!(
+                            "results: {} does not parse; kept as {} and started again",
+                            path.display(),
+                            aside.display()
+                        );
+                        std::fs::rename(&path, &aside)
+                            .with_context(|| format!("moving {} aside", path.display()))?;
+                        Manifest::default()
+                    }
+                },
+            },
+        };
+        manifest.sweep = sweep.to_string();
+        manifest.invocations.push(invocation);
+        write_atomic(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())
+    }
+}
+
 /// The key of a cell record holding the checksum of the rest of its row.
 const ROW_CHECKSUM: &str = "row_sha256";
 

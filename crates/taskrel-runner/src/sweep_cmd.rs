@@ -224,6 +224,22 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
+/// The fields every invocation records; the caller adds its own.
+fn invocation(command: &str, started: f64, cells_planned: usize) -> results::Invocation {
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+    results::Invocation {
+        command: command.into(),
+        taskrel_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: git(&["rev-parse", "HEAD"]),
+        git_dirty: dirty,
+        started: utc(started),
+        finished: utc(now_unix()),
+        seconds: now_unix() - started,
+        cells_planned,
+        ..Default::default()
+    }
+}
+
 fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -409,32 +425,24 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let finished =
         results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
     let corr = render(&out, &plan)?;
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
-    let manifest = json!({
-        "sweep": plan.name,
-        "config": path.display().to_string(),
-        "taskrel_version": env!("CARGO_PKG_VERSION"),
-        "git_revision": git(&["rev-parse", "HEAD"]),
-        "git_dirty": dirty,
-        "device": opts.device,
-        "started": utc(started),
-        "finished": utc(now_unix()),
-        "seconds": now_unix() - started,
-        "cells_planned": plan.cells.len(),
-        "cells_selected": selected.len(),
-        "cells_run": ran,
-        "cells_already_done": skipped,
-        "cells_run_by_another_process": elsewhere,
-        "cells_rescored": rescored,
-        "rescored_scores": opts.rescore,
-        "cells_finished": finished,
-        "shard": opts.shard.map(|(i, n)| format!("{i}/{n}")),
-        "stage_seconds": engine.stage_seconds,
-        "cache": cache.display().to_string(),
-    });
-    write_atomic(
-        &out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    results::Manifest::append(
+        &out,
+        &plan.name,
+        results::Invocation {
+            config: Some(path.display().to_string()),
+            device: Some(opts.device.clone()),
+            cache: Some(cache.display().to_string()),
+            shard: opts.shard.map(|(i, n)| format!("{i}/{n}")),
+            cells_selected: Some(selected.len()),
+            cells_run: Some(ran),
+            cells_already_done: Some(skipped),
+            cells_run_by_another_process: Some(elsewhere),
+            cells_rescored: Some(rescored),
+            rescored_scores: opts.rescore.clone(),
+            cells_finished: finished,
+            stage_seconds: engine.stage_seconds.clone(),
+            ..invocation("run", started, plan.cells.len())
+        },
     )?;
     println!(
         "{}: {ran} cells run, {skipped} already done ({rescored} rescored), {elsewhere} run by another process, {finished} of {} in {}",
@@ -469,6 +477,9 @@ fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow
 /// `taskrel report`.
 pub fn report(dir: &Path, data_root: &Path) -> anyhow::Result<()> {
     let plan = load_plan(&dir.join(CONFIG_FILE), data_root, false)?;
+    for d in [dir.to_path_buf(), dir.join("plots")] {
+        crate::engine::clean_stale_temps(&d)?;
+    }
     let corr = render(dir, &plan)?;
     println!(
         "rendered {} and {} from {}",
@@ -484,6 +495,7 @@ pub fn report(dir: &Path, data_root: &Path) -> anyhow::Result<()> {
 
 /// `taskrel merge`.
 pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<()> {
+    let started = now_unix();
     let Some(first) = dirs.first() else {
         bail!("merge: give at least one results folder");
     };
@@ -521,17 +533,14 @@ pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<
         &target.rows()?,
     )?;
     render(into, &plan)?;
-    let manifest = json!({
-        "sweep": plan.name,
-        "merged_from": dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
-        "taskrel_version": env!("CARGO_PKG_VERSION"),
-        "merged": utc(now_unix()),
-        "cells_planned": plan.cells.len(),
-        "cells_finished": finished,
-    });
-    write_atomic(
-        &into.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    results::Manifest::append(
+        into,
+        &plan.name,
+        results::Invocation {
+            merged_from: dirs.iter().map(|d| d.display().to_string()).collect(),
+            cells_finished: finished,
+            ..invocation("merge", started, plan.cells.len())
+        },
     )?;
     println!(
         "merged {merged} cells into {} ({finished} of {} finished)",

@@ -133,8 +133,12 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["cells_finished"], 5);
-    assert!(manifest["taskrel_version"].is_string());
+    let first_run = &manifest["invocations"][0];
+    assert_eq!(first_run["command"], "run");
+    assert_eq!(first_run["cells_run"], 5);
+    assert_eq!(first_run["cells_finished"], 5);
+    assert_eq!(first_run["taskrel_version"], env!("CARGO_PKG_VERSION"));
+    assert!(first_run["stage_seconds"]["features"].as_f64().unwrap() > 0.0);
 
     // `report` regenerates the same summary from the CSV.
     std::fs::remove_file(out.join("summary.md")).unwrap();
@@ -157,11 +161,9 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
         child.wait().unwrap();
         for p in walk(&out) {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(
-                !name.contains(".tmp"),
-                "{} left after a kill at {delay_ms} ms",
-                p.display()
-            );
+            if name.contains(".tmp") {
+                continue; // the killed process's own, removed by the next report below
+            }
             if name.ends_with(".png") {
                 assert_eq!(&std::fs::read(&p).unwrap()[1..4], b"PNG", "{}", p.display());
             }
@@ -177,6 +179,15 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
             std::fs::read_to_string(out.join("summary.md")).unwrap(),
             summary
         );
+        ok(&["report", out.to_str().unwrap()]);
+        let left: Vec<PathBuf> = walk(&out)
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "left after a kill at {delay_ms} ms and a report: {left:?}"
+        );
     }
 
     // A second run finds every cell done and changes no row.
@@ -188,6 +199,17 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     let rescored = run_smoke(&results, &cache, &["--rescore", "relatedness_unlabeled"]);
     assert!(String::from_utf8_lossy(&rescored.stdout).contains("(5 rescored)"));
     assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
+    // Each invocation is appended to the manifest; the first run's record stays.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let invocations = manifest["invocations"].as_array().unwrap();
+    assert_eq!(invocations.len(), 3);
+    assert_eq!(&invocations[0], first_run);
+    assert_eq!(invocations[2]["cells_rescored"], 5);
+    assert_eq!(
+        invocations[2]["rescored_scores"][0],
+        "relatedness_unlabeled"
+    );
     // A results folder as committed keeps cells.csv only: --rescore restores the finished
     // cells from it instead of running them again.
     std::fs::remove_dir_all(out.join("cells")).unwrap();
