@@ -338,6 +338,9 @@ fn broken_model_files_and_impossible_lengths_are_named() {
         serde_json::from_slice(&std::fs::read(minilm.join("config.json")).unwrap()).unwrap();
     config["num_hidden_layers"] = 0.into();
     let no_layers = variant("no_layers", "config.json", config.to_string().as_bytes());
+    config["num_hidden_layers"] = 6.into();
+    config["vocab_size"] = 1000.into();
+    let small_vocab = variant("small_vocab", "config.json", config.to_string().as_bytes());
     let empty_pth = dir.path().join("empty.pth");
     {
         // A zip holding a pickle of an empty dict: a state dict with no tensors.
@@ -353,7 +356,18 @@ fn broken_model_files_and_impossible_lengths_are_named() {
         assert!(out.status.success());
     }
     let minilm_arg = minilm.to_str().unwrap();
-    let cases: [(Vec<&str>, String); 5] = [
+    let cases: [(Vec<&str>, String); 6] = [
+        (
+            vec![
+                "embed",
+                "--model",
+                small_vocab.to_str().unwrap(),
+                "--text",
+                "hi",
+            ],
+            "tokenizer.json: the tokenizer has 30522 tokens but the model's vocab_size is 1000"
+                .into(),
+        ),
         (
             vec![
                 "embed",
