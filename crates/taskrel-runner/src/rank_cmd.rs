@@ -686,6 +686,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn verdicts_follow_the_thresholds_derived_from_the_digits_study() {
+        assert_eq!(verdict(2.6, true, true), "likely to transfer well");
+        assert_eq!(
+            verdict(2.61, true, true),
+            "no assurance (compare within the zoo)"
+        );
+        assert_eq!(verdict(3.0, false, true), "likely to transfer well");
+        assert_eq!(
+            verdict(3.01, false, true),
+            "no assurance (compare within the zoo)"
+        );
+        assert_eq!(
+            verdict(f64::NAN, true, true),
+            "no estimate (no reference task)"
+        );
+        assert_eq!(
+            verdict(1.0, true, false),
+            "not calibrated for text (compare within the zoo)"
+        );
+    }
+
+    #[test]
     fn a_header_row_is_not_a_class_and_quoted_commas_stay_in_the_text() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let csv = dir.path().join("s.csv");

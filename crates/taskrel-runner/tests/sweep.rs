@@ -243,6 +243,7 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
 
     // SIGKILL at several points of a run with an empty cache, then resume: same rows, once each.
     let (killed, killed_cache) = (tmp.path().join("killed"), tmp.path().join("killed-cache"));
+    let mut interrupted = 0;
     for delay_ms in [1500, 3000, 5000, 8000] {
         let mut child = command(&[
             "run",
@@ -260,7 +261,10 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL on Unix
         child.wait().unwrap();
+        // The manifest is written last: without it, the kill interrupted the run.
+        interrupted += usize::from(!killed.join("smoke/manifest.json").exists());
     }
+    assert!(interrupted >= 1, "no kill interrupted a run");
     run_smoke(&killed, &killed_cache, &[]);
     assert_eq!(rows_without_timings(&killed.join("smoke/cells.csv")), rows);
     // Nothing temporary is left: no temp files, claims or entries moved aside.
