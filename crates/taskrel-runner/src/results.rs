@@ -456,6 +456,188 @@ pub struct CorrelationRow {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Task-relatedness against one baseline on the same cells: per (target, seed) group, the
+/// difference of their weighted tau (and Spearman) with the measured accuracy across models,
+/// averaged over groups, with a bootstrap interval resampling the groups (the differences are
+/// paired: both scores rank the same models on the same samples).
+#[derive(Debug)]
+pub struct PairedRow {
+    /// `bound` or `bound_unlabeled`.
+    pub estimator: String,
+    pub baseline: String,
+    pub measure: String,
+    /// (target, seed) groups with at least three models scored by both.
+    pub groups: usize,
+    pub estimator_weighted_tau: f64,
+    pub baseline_weighted_tau: f64,
+    /// Mean over groups of the estimator's weighted tau minus the baseline's.
+    pub weighted_tau_difference: Estimate,
+    /// The same for Spearman's rho.
+    pub spearman_difference: Estimate,
+}
+
+/// Score columns compared in [`paired_comparisons`].
+const ESTIMATORS: [&str; 2] = ["bound", "bound_unlabeled"];
+const BASELINES: [&str; 7] = [
+    "logme",
+    "leep",
+    "nce",
+    "hscore",
+    "hscore_shrinkage",
+    "otce",
+    "knn",
+];
+
+/// Every task-relatedness column against every baseline column present in `table`, for each
+/// measured accuracy among `measures` (e.g. `linear_probe`, `full`).
+pub fn paired_comparisons(table: &Table, measures: &[String]) -> Vec<PairedRow> {
+    let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for i in 0..table.rows.len() {
+        groups
+            .entry((
+                table.text(i, "target").to_string(),
+                table.text(i, "seed").to_string(),
+            ))
+            .or_default()
+            .push(i);
+    }
+    let present = |c: &str| (0..table.rows.len()).any(|i| table.number(i, c).is_finite());
+    let mut out = Vec::new();
+    for measure in measures {
+        let acc = format!("accuracy_{measure}");
+        for estimator in ESTIMATORS.iter().filter(|c| present(c)) {
+            for baseline in BASELINES.iter().filter(|c| present(c)) {
+                let (mut wtau, mut rho) = (Vec::new(), Vec::new());
+                let (mut wtau_e, mut wtau_b) = (Vec::new(), Vec::new());
+                for members in groups.values() {
+                    let rows: Vec<usize> = members
+                        .iter()
+                        .copied()
+                        .filter(|&i| {
+                            [*estimator, *baseline, acc.as_str()]
+                                .iter()
+                                .all(|c| table.number(i, c).is_finite())
+                        })
+                        .collect();
+                    if rows.len() < 3 {
+                        continue;
+                    }
+                    let oriented = |c: &str| -> Vec<f64> {
+                        let sign = if higher_is_better(c) { 1.0 } else { -1.0 };
+                        rows.iter().map(|&i| sign * table.number(i, c)).collect()
+                    };
+                    let (e, b) = (oriented(estimator), oriented(baseline));
+                    let y: Vec<f64> = rows.iter().map(|&i| table.number(i, &acc)).collect();
+                    let (we, wb) = (stats::weighted_tau(&e, &y), stats::weighted_tau(&b, &y));
+                    if we.is_finite() && wb.is_finite() {
+                        wtau.push(we - wb);
+                        wtau_e.push(we);
+                        wtau_b.push(wb);
+                    }
+                    let d = stats::spearman(&e, &y) - stats::spearman(&b, &y);
+                    if d.is_finite() {
+                        rho.push(d);
+                    }
+                }
+                if wtau.is_empty() && rho.is_empty() {
+                    continue;
+                }
+                let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+                out.push(PairedRow {
+                    estimator: estimator.to_string(),
+                    baseline: baseline.to_string(),
+                    measure: measure.clone(),
+                    groups: wtau.len().max(rho.len()),
+                    estimator_weighted_tau: mean(&wtau_e),
+                    baseline_weighted_tau: mean(&wtau_b),
+                    weighted_tau_difference: stats::bootstrap_mean(
+                        &wtau,
+                        BOOTSTRAP_RESAMPLES,
+                        BOOTSTRAP_SEED,
+                    ),
+                    spearman_difference: stats::bootstrap_mean(
+                        &rho,
+                        BOOTSTRAP_RESAMPLES,
+                        BOOTSTRAP_SEED,
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Writes `paired.csv`.
+pub fn write_paired_csv(path: &Path, rows: &[PairedRow]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "estimator",
+        "baseline",
+        "measure",
+        "groups",
+        "estimator_weighted_tau",
+        "baseline_weighted_tau",
+        "weighted_tau_difference",
+        "weighted_tau_difference_low",
+        "weighted_tau_difference_high",
+        "spearman_difference",
+        "spearman_difference_low",
+        "spearman_difference_high",
+    ])?;
+    for r in rows {
+        let d = &r.weighted_tau_difference;
+        let s = &r.spearman_difference;
+        let mut record = vec![
+            r.estimator.clone(),
+            r.baseline.clone(),
+            r.measure.clone(),
+            r.groups.to_string(),
+        ];
+        record.extend(
+            [
+                r.estimator_weighted_tau,
+                r.baseline_weighted_tau,
+                d.value,
+                d.low,
+                d.high,
+                s.value,
+                s.low,
+                s.high,
+            ]
+            .map(|v| v.to_string()),
+        );
+        w.write_record(&record)?;
+    }
+    let bytes = w.into_inner().context("writing paired.csv")?;
+    write_atomic(path, &bytes)
+}
+
+/// [`PairedRow`]s as a markdown table.
+pub fn paired_markdown(rows: &[PairedRow]) -> String {
+    let mut md = String::from(
+        "| task-relatedness | baseline | accuracy after | groups | mean weighted tau (task-relatedness / baseline) | difference [95 % CI] | Spearman difference [95 % CI] |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.3} / {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:+.3} [{:+.3}, {:+.3}] |",
+            r.estimator,
+            r.baseline,
+            r.measure,
+            r.groups,
+            r.estimator_weighted_tau,
+            r.baseline_weighted_tau,
+            r.weighted_tau_difference.value,
+            r.weighted_tau_difference.low,
+            r.weighted_tau_difference.high,
+            r.spearman_difference.value,
+            r.spearman_difference.low,
+            r.spearman_difference.high,
+        );
+    }
+    md
+}
+
 /// Correlations of each configured score with its measured accuracy, per group. Scores are
 /// oriented so that larger predicts better (the bound is negated): a good score correlates
 /// positively.
@@ -708,6 +890,7 @@ pub fn summary_markdown(
     description: &str,
     table: &Table,
     corr: &[CorrelationRow],
+    paired: &[PairedRow],
     cells_planned: usize,
 ) -> String {
     let mut md = format!("# Sweep `{name}`\n\n");
@@ -734,6 +917,18 @@ pub fn summary_markdown(
         md.push_str(&correlation_markdown(corr));
         md.push('\n');
     }
+    if !paired.is_empty() {
+        md.push_str("## Task-relatedness against each baseline, paired\n\n");
+        md.push_str(
+            "Within each (target, seed) group with at least three models scored by both, the \
+             weighted tau (and Spearman) of task-relatedness with the measured accuracy minus the \
+             baseline's; differences averaged over groups, with a 95 % percentile bootstrap \
+             interval resampling the groups (1000 resamples, seed 0). A positive difference \
+             favours task-relatedness.\n\n",
+        );
+        md.push_str(&paired_markdown(paired));
+        md.push('\n');
+    }
     md.push_str(&validity_markdown(table));
     md.push_str("## Cells\n\n");
     let cols = summary_columns(table);
@@ -754,4 +949,70 @@ pub fn summary_markdown(
         let _ = writeln!(md, "| {} |", cells.join(" | "));
     }
     md
+}
+
+#[cfg(test)]
+mod paired_tests {
+    use super::*;
+
+    #[test]
+    fn paired_differences_are_taken_within_target_and_seed_groups() {
+        // Four (target, seed) groups of four models. LogME orders the models as their accuracy
+        // does in every group; the bound (smaller predicts better) orders them backwards in
+        // three groups and as accuracy does in the fourth.
+        let columns = ["target", "seed", "model", "bound", "logme", "accuracy_full"];
+        let mut rows = Vec::new();
+        for (g, (target, seed)) in [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
+            .iter()
+            .enumerate()
+        {
+            for m in 0..4 {
+                let accuracy = 0.9 - 0.1 * m as f64;
+                let logme = 4.0 - m as f64;
+                let bound = if g == 3 {
+                    1.0 + m as f64
+                } else {
+                    4.0 - m as f64
+                };
+                rows.push(vec![
+                    target.to_string(),
+                    seed.to_string(),
+                    format!("m{m}"),
+                    bound.to_string(),
+                    logme.to_string(),
+                    accuracy.to_string(),
+                ]);
+            }
+        }
+        let table = Table {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            rows,
+        };
+        let paired = paired_comparisons(&table, &["full".to_string()]);
+        assert_eq!(paired.len(), 1);
+        let r = &paired[0];
+        assert_eq!(
+            (r.estimator.as_str(), r.baseline.as_str()),
+            ("bound", "logme")
+        );
+        assert_eq!(r.groups, 4);
+        // Per group: weighted tau -1 - 1 = -2 (three groups) and 1 - 1 = 0 (one group).
+        assert!(
+            (r.weighted_tau_difference.value + 1.5).abs() < 1e-12,
+            "{r:?}"
+        );
+        assert!((r.spearman_difference.value + 1.5).abs() < 1e-12, "{r:?}");
+        assert!((r.baseline_weighted_tau - 1.0).abs() < 1e-12);
+        assert!((r.estimator_weighted_tau + 0.5).abs() < 1e-12);
+        let ci = r.weighted_tau_difference;
+        assert!(
+            ci.low >= -2.0 && ci.high <= 0.0 && ci.low < ci.high,
+            "{ci:?}"
+        );
+        let md = paired_markdown(&paired);
+        assert!(
+            md.contains("| bound | logme | full | 4 | -0.500 / 1.000 | -1.500 ["),
+            "{md}"
+        );
+    }
 }

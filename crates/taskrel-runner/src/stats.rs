@@ -202,6 +202,35 @@ pub fn bootstrap(
     }
 }
 
+/// The mean of `values` with the 2.5 and 97.5 percentiles of the means of `resamples`
+/// resamples with replacement (ChaCha8 from `seed`); no interval below two values.
+pub fn bootstrap_mean(values: &[f64], resamples: usize, seed: u64) -> Estimate {
+    let n = values.len();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    if n == 0 {
+        return Estimate {
+            value: f64::NAN,
+            low: f64::NAN,
+            high: f64::NAN,
+        };
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut means = Vec::with_capacity(resamples);
+    let mut drawn = vec![0.0; n];
+    for _ in 0..if n < 2 { 0 } else { resamples } {
+        for d in drawn.iter_mut() {
+            *d = values[rng.random_range(0..n)];
+        }
+        means.push(mean(&drawn));
+    }
+    means.sort_by(f64::total_cmp);
+    Estimate {
+        value: mean(values),
+        low: percentile(&means, 2.5),
+        high: percentile(&means, 97.5),
+    }
+}
+
 /// Linear-interpolated percentile of sorted values (numpy's default method).
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {

@@ -462,11 +462,23 @@ fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow
     let table = Table::read(&out.join(CELLS_CSV))?;
     let corr = results::correlations(&table, &plan.correlations);
     results::write_correlation_csv(&out.join("correlation.csv"), &corr)?;
+    let measures: Vec<String> = plan
+        .sweep
+        .measure
+        .modes
+        .iter()
+        .map(|m| m.as_str().to_string())
+        .collect();
+    let paired = results::paired_comparisons(&table, &measures);
+    if !paired.is_empty() {
+        results::write_paired_csv(&out.join("paired.csv"), &paired)?;
+    }
     let md = results::summary_markdown(
         &plan.name,
         &plan.sweep.description,
         &table,
         &corr,
+        &paired,
         plan.cells.len(),
     );
     write_atomic(&out.join("summary.md"), md.as_bytes())?;
