@@ -462,8 +462,24 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         .score
         .scores
         .iter()
-        .filter_map(|s| ScoreKind::ALL.into_iter().find(|k| k.as_str() == s.value))
-        .collect();
+        .map(|s| {
+            ScoreKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == s.value)
+                .ok_or_else(|| {
+                    let valid: Vec<&str> = ScoreKind::ALL.iter().map(|k| k.as_str()).collect();
+                    let loc = s.referenced;
+                    anyhow::anyhow!(
+                        "{}:{}:{}: score.scores: unknown score {:?}; expected one of {}",
+                        opts.zoo.display(),
+                        loc.line(),
+                        loc.column(),
+                        s.value,
+                        valid.join(", ")
+                    )
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let scores: Vec<ScoreKind> = if labelled {
         requested
             .iter()

@@ -220,3 +220,23 @@ fn degenerate_samples_get_no_ranking() {
         );
     }
 }
+
+#[test]
+fn a_zoo_with_an_unknown_score_is_refused_at_its_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = tmp.path().join("zoo.yaml");
+    std::fs::write(&zoo, ZOO.replace("logme,", "logmee,")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_taskrel"))
+        .args(["rank", "--zoo", zoo.to_str().unwrap(), "--target", "usps"])
+        .args(["--budget", "50", "--quiet"])
+        .arg("--data-root")
+        .arg(data_root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("zoo.yaml:6:25: score.scores: unknown score \"logmee\""),
+        "{err}"
+    );
+}
