@@ -97,6 +97,14 @@ fn scan_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
         Some(s)
     };
     let u32_le = |s: &[u8]| u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    // A memo index: one byte (BINPUT, BINGET) or four (LONG_BINPUT, LONG_BINGET).
+    let memo_index = |at: &mut usize, short: bool| -> Option<u32> {
+        if short {
+            take(at, 1).map(|s| u32::from(s[0]))
+        } else {
+            take(at, 4).map(u32_le)
+        }
+    };
     // Pops values down to the last mark (dropping it).
     let to_mark = |stack: &mut Vec<Option<(u64, u64)>>| -> Option<Vec<(u64, u64)>> {
         let mark = stack.iter().rposition(Option::is_none)?;
@@ -175,28 +183,16 @@ fn scan_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
                     _ => return Ok(()),
                 }
             }
-            b'q' | b'r' => {
-                let index = if op == b'q' {
-                    take(&mut at, 1).map(|s| u32::from(s[0]))
-                } else {
-                    take(&mut at, 4).map(u32_le)
-                };
-                match (index, stack.last()) {
-                    (Some(i), Some(Some(top))) => {
-                        memo.insert(i, *top);
-                        continue;
-                    }
-                    _ => return Ok(()),
+            b'q' | b'r' => match (memo_index(&mut at, op == b'q'), stack.last()) {
+                (Some(i), Some(Some(top))) => {
+                    memo.insert(i, *top);
+                    continue;
                 }
-            }
-            b'h' | b'j' => {
-                let index = if op == b'h' {
-                    take(&mut at, 1).map(|s| u32::from(s[0]))
-                } else {
-                    take(&mut at, 4).map(u32_le)
-                };
-                index.and_then(|i| memo.get(&i).copied()).map(Some)
-            }
+                _ => return Ok(()),
+            },
+            b'h' | b'j' => memo_index(&mut at, op == b'h')
+                .and_then(|i| memo.get(&i).copied())
+                .map(Some),
             b'.' => return Ok(()),
             _ => return Ok(()),
         };
