@@ -439,6 +439,58 @@ impl Table {
     }
 }
 
+/// The cells averaged over seeds: one row per (target, model) in order of first appearance,
+/// each column the mean of its numeric values over the seeds (empty when none is finite; text
+/// columns keep the first seed's), `seed` set to `mean`.
+pub fn seed_mean_table(table: &Table) -> Table {
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut members: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for i in 0..table.rows.len() {
+        let key = (
+            table.text(i, "target").to_string(),
+            table.text(i, "model").to_string(),
+        );
+        if !members.contains_key(&key) {
+            order.push(key.clone());
+        }
+        members.entry(key).or_default().push(i);
+    }
+    let rows = order
+        .iter()
+        .map(|key| {
+            let group = &members[key];
+            table
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(c, name)| {
+                    if name == "seed" {
+                        return "mean".to_string();
+                    }
+                    let first = &table.rows[group[0]][c];
+                    if first.parse::<f64>().is_err() && !first.is_empty() {
+                        return first.clone();
+                    }
+                    let values: Vec<f64> = group
+                        .iter()
+                        .filter_map(|&i| table.rows[i].get(c)?.parse::<f64>().ok())
+                        .filter(|v| v.is_finite())
+                        .collect();
+                    if values.is_empty() {
+                        String::new()
+                    } else {
+                        (values.iter().sum::<f64>() / values.len() as f64).to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Table {
+        columns: table.columns.clone(),
+        rows,
+    }
+}
+
 /// One line of `correlation.csv`.
 #[derive(Debug)]
 pub struct CorrelationRow {
@@ -890,6 +942,7 @@ pub fn summary_markdown(
     description: &str,
     table: &Table,
     corr: &[CorrelationRow],
+    seed_mean: &[CorrelationRow],
     paired: &[PairedRow],
     cells_planned: usize,
 ) -> String {
@@ -915,6 +968,15 @@ pub fn summary_markdown(
         md.push_str("No correlations configured.\n\n");
     } else {
         md.push_str(&correlation_markdown(corr));
+        md.push('\n');
+    }
+    if !seed_mean.is_empty() {
+        md.push_str("## Per target, averaged over seeds\n\n");
+        md.push_str(
+            "The per-target correlations above again, on each model's score and accuracy \
+             averaged over the seeds (one point per model; `seed_mean/correlation.csv`).\n\n",
+        );
+        md.push_str(&correlation_markdown(seed_mean));
         md.push('\n');
     }
     if !paired.is_empty() {
@@ -954,6 +1016,33 @@ pub fn summary_markdown(
 #[cfg(test)]
 mod paired_tests {
     use super::*;
+
+    #[test]
+    fn seed_means_average_each_model_over_its_seeds() {
+        let table = Table {
+            columns: ["cell", "target", "model", "seed", "bound", "accuracy_full"]
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            rows: [
+                ["a__t__s0", "t", "a", "0", "2.0", "0.8"],
+                ["b__t__s0", "t", "b", "0", "3.0", "0.5"],
+                ["a__t__s1", "t", "a", "1", "4.0", "0.9"],
+                ["b__t__s1", "t", "b", "1", "", "0.7"],
+            ]
+            .iter()
+            .map(|r| r.iter().map(|v| v.to_string()).collect())
+            .collect(),
+        };
+        let mean = seed_mean_table(&table);
+        assert_eq!(
+            mean.rows,
+            [
+                ["a__t__s0", "t", "a", "mean", "3", "0.8500000000000001"],
+                ["b__t__s0", "t", "b", "mean", "3", "0.6"],
+            ]
+        );
+    }
 
     #[test]
     fn paired_differences_are_taken_within_target_and_seed_groups() {

@@ -469,6 +469,32 @@ fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow
         .iter()
         .map(|m| m.as_str().to_string())
         .collect();
+    // With several seeds, the per-target correlations again on seed means.
+    let seeds: std::collections::BTreeSet<&str> = table
+        .column("seed")
+        .map(|c| {
+            table
+                .rows
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(String::as_str)
+                .collect()
+        })
+        .unwrap_or_default();
+    let by_target: Vec<crate::sweep::Correlation> = plan
+        .correlations
+        .iter()
+        .filter(|c| c.group_by == crate::sweep::GroupBy::Target)
+        .cloned()
+        .collect();
+    let seed_mean = if seeds.len() > 1 && !by_target.is_empty() {
+        results::correlations(&results::seed_mean_table(&table), &by_target)
+    } else {
+        Vec::new()
+    };
+    if !seed_mean.is_empty() {
+        results::write_correlation_csv(&out.join("seed_mean/correlation.csv"), &seed_mean)?;
+    }
     let paired = results::paired_comparisons(&table, &measures);
     if !paired.is_empty() {
         results::write_paired_csv(&out.join("paired.csv"), &paired)?;
@@ -478,6 +504,7 @@ fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow
         &plan.sweep.description,
         &table,
         &corr,
+        &seed_mean,
         &paired,
         plan.cells.len(),
     );
