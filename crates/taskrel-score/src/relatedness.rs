@@ -1047,9 +1047,17 @@ fn learn(
         let moved = x.apply(&zr, d);
         let b_now = x.label_map();
         let t_solve = Instant::now();
-        let plan = batch_plan(
-            r, t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, blocks,
-        )?;
+        // The step's terms that depend on A and A' only are computed on the other core while
+        // the plan is solved.
+        let (plan, orth) = rayon::join(
+            || {
+                batch_plan(
+                    r, t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, blocks,
+                )
+            },
+            || orthogonality(&x),
+        );
+        let plan = plan?;
         transport_seconds += t_solve.elapsed().as_secs_f64();
         if plan.is_empty() {
             continue;
@@ -1063,7 +1071,7 @@ fn learn(
             ref_labels: &ri.iter().map(|&i| r.label(i)).collect::<Vec<_>>(),
             target_labels: &ti.iter().map(|&i| t.label(i)).collect::<Vec<_>>(),
         };
-        let g = objective(&x, &batch, labelled.then_some(&terms));
+        let g = objective(&x, &batch, labelled.then_some(&terms), orth);
         opt_a.step(&mut x.a, &g.a);
         opt_a_inv.step(&mut x.a_inv, &g.a_inv);
         opt_shift.step(&mut x.shift, &g.shift);
@@ -1622,14 +1630,62 @@ struct Gradient {
 ///
 /// and, with labels, the label cost, `H_D(B)`, the reference term and `||p_T - B D||^2`
 /// differentiated in `B` and `D`, then through the softmaxes to their logits.
-fn objective(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradient {
-    pulp::Arch::new().dispatch(Objective { x, batch, labels })
+/// The terms of the step that depend on A and A' only: `||A A' - I||^2 + ||A' A - I||^2` and
+/// its gradients, `2 E1 A'^T + 2 A'^T E2` on A and `2 A^T E1 + 2 E2 A^T` on A' (E1 = A A' - I,
+/// E2 = A' A - I).
+struct Orthogonality {
+    value: f64,
+    a: Vec<f32>,
+    a_inv: Vec<f32>,
+}
+
+fn orthogonality(x: &Transform) -> Orthogonality {
+    let d = x.d;
+    let (a, ai) = (View::new(&x.a, d, d), View::new(&x.a_inv, d, d));
+    let (mut e1, mut e2) = (vec![0f32; d * d], vec![0f32; d * d]);
+    gemm_on(&mut e1, a, ai, 1.0, false, false);
+    gemm_on(&mut e2, ai, a, 1.0, false, false);
+    for o in 0..d {
+        e1[o * d + o] -= 1.0;
+        e2[o * d + o] -= 1.0;
+    }
+    let value = e1
+        .iter()
+        .chain(&e2)
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    let (e1v, e2v) = (View::new(&e1, d, d), View::new(&e2, d, d));
+    let (mut ga, mut ga_inv) = (vec![0f32; d * d], vec![0f32; d * d]);
+    gemm_on(&mut ga, e1v, ai.t(), 2.0, false, false);
+    gemm_on(&mut ga, ai.t(), e2v, 2.0, true, false);
+    gemm_on(&mut ga_inv, a.t(), e1v, 2.0, false, false);
+    gemm_on(&mut ga_inv, e2v, a.t(), 2.0, true, false);
+    Orthogonality {
+        value,
+        a: ga,
+        a_inv: ga_inv,
+    }
+}
+
+fn objective(
+    x: &Transform,
+    batch: &Batch,
+    labels: Option<&LabelTerms>,
+    orth: Orthogonality,
+) -> Gradient {
+    pulp::Arch::new().dispatch(Objective {
+        x,
+        batch,
+        labels,
+        orth,
+    })
 }
 
 struct Objective<'a> {
     x: &'a Transform,
     batch: &'a Batch<'a>,
     labels: Option<&'a LabelTerms<'a>>,
+    orth: Orthogonality,
 }
 
 impl pulp::NullaryFnOnce for Objective<'_> {
@@ -1638,12 +1694,17 @@ impl pulp::NullaryFnOnce for Objective<'_> {
     // Inlined into the dispatcher's target-feature context, where the plan loop vectorises.
     #[inline(always)]
     fn call(self) -> Gradient {
-        objective_body(self.x, self.batch, self.labels)
+        objective_body(self.x, self.batch, self.labels, self.orth)
     }
 }
 
 #[inline(always)]
-fn objective_body(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> Gradient {
+fn objective_body(
+    x: &Transform,
+    batch: &Batch,
+    labels: Option<&LabelTerms>,
+    orth: Orthogonality,
+) -> Gradient {
     let d = x.d;
     let n = batch.zr.len() / d;
     // Feature cost: per reference row, u_i = sum_l gamma_il r_il.
@@ -1669,43 +1730,15 @@ fn objective_body(x: &Transform, batch: &Batch, labels: Option<&LabelTerms>) -> 
             *s += 4.0 * f64::from(v);
         }
     }
-    // ||A A' - I||^2 + ||A' A - I||^2. The products run as two balanced pairs of independent
-    // halves, each half on one thread (fewer hand-overs than splitting every product).
-    let (a, ai) = (View::new(&x.a, d, d), View::new(&x.a_inv, d, d));
-    let mut ga = vec![0f32; d * d];
-    let mut e1 = vec![0f32; d * d];
-    let mut e2 = vec![0f32; d * d];
-    rayon::join(
-        || {
-            let (u, zr) = (View::new(&u, n, d), View::new(batch.zr, n, d));
-            gemm_on(&mut ga, u.t(), zr, 4.0, false, false);
-        },
-        || {
-            gemm_on(&mut e1, a, ai, 1.0, false, false);
-            gemm_on(&mut e2, ai, a, 1.0, false, false);
-        },
-    );
-    for o in 0..d {
-        e1[o * d + o] -= 1.0;
-        e2[o * d + o] -= 1.0;
+    // The feature term's gradient on A, added to the orthogonality terms' (computed while the
+    // plan was solved).
+    let mut ga = orth.a;
+    let ga_inv = orth.a_inv;
+    let eye = orth.value;
+    {
+        let (u, zr) = (View::new(&u, n, d), View::new(batch.zr, n, d));
+        gemm_on(&mut ga, u.t(), zr, 4.0, true, false);
     }
-    let eye: f64 = e1
-        .iter()
-        .chain(&e2)
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum();
-    let (e1v, e2v) = (View::new(&e1, d, d), View::new(&e2, d, d));
-    let mut ga_inv = vec![0f32; d * d];
-    rayon::join(
-        || {
-            gemm_on(&mut ga, e1v, ai.t(), 2.0, true, false);
-            gemm_on(&mut ga, ai.t(), e2v, 2.0, true, false);
-        },
-        || {
-            gemm_on(&mut ga_inv, a.t(), e1v, 2.0, false, false);
-            gemm_on(&mut ga_inv, e2v, a.t(), 2.0, true, false);
-        },
-    );
     let mut value = 2.0 * feature + eye;
     let (kt, kr) = (x.k_t, x.k_r);
     let mut g_b_logits = vec![0f64; kt * kr];
@@ -2030,7 +2063,7 @@ mod tests {
             target_prior: &[0.5, 0.2, 0.3],
             label_weight: 3.0,
         };
-        let hand = objective(&x, &batch, Some(&terms));
+        let hand = objective(&x, &batch, Some(&terms), orthogonality(&x));
         let (value, grads) = autograd(&x, &batch, &terms)?;
         assert!(
             (hand.value - value).abs() < 1e-4 * value.abs(),
@@ -2056,7 +2089,7 @@ mod tests {
             }
         }
         // Without labels only the feature and inverse terms remain.
-        let plain = objective(&x, &batch, None);
+        let plain = objective(&x, &batch, None, orthogonality(&x));
         assert!(
             plain
                 .b_logits
