@@ -42,13 +42,13 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         loaded.insert(name, train.clone());
         Ok(train)
     };
+    // (class, count) of the first smallest class.
     let smallest = |d: &taskrel_data::Dataset| -> (usize, usize) {
         d.class_counts()
             .into_iter()
             .enumerate()
-            .map(|(c, n)| (n, c))
-            .min()
-            .map_or((0, 0), |(n, c)| (c, n))
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((0, 0))
     };
     let sweep = &plan.sweep;
     let cells_use = |pred: &dyn Fn(&crate::sweep::Cell) -> bool| plan.cells.iter().any(pred);
