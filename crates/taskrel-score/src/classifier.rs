@@ -142,6 +142,7 @@ pub(crate) struct HeadGradient {
 /// `s_i q_i g_i^T`) and through the softmax (giving `2 s_i J_i W g_i` on the logits,
 /// `J_i = diag(p_i) - p_i p_i^T`), where `s_i = 2 penalty relu(||g_i|| - tau) / (n ||g_i||)`.
 /// The cross-entropy adds `(p_i - e_{y_i}) / n` on the logits.
+#[derive(Clone, Copy)]
 pub(crate) struct HeadObjective<'a> {
     /// Row-major `(n, d)` features.
     pub(crate) z: &'a [f32],
@@ -162,19 +163,56 @@ pub(crate) struct HeadObjective<'a> {
 }
 
 impl HeadObjective<'_> {
-    /// The objective and its gradient, compiled for the CPU's vector width.
+    /// The objective and its gradient, compiled for the CPU's vector width. The rows are taken
+    /// in two fixed halves, one on each of two threads, and the halves' sums added (the same
+    /// arithmetic for any number of threads).
     pub(crate) fn evaluate(self) -> HeadGradient {
-        pulp::Arch::new().dispatch(self)
+        let n = self.labels.len();
+        let half = n / 2;
+        let part = |rows: std::ops::Range<usize>| Part {
+            obj: HeadObjective {
+                z: &self.z[rows.start * self.d..rows.end * self.d],
+                labels: &self.labels[rows.clone()],
+                random: &self.random[rows],
+                ..self
+            },
+            mean_over: n,
+        };
+        let (first, second) = rayon::join(
+            || pulp::Arch::new().dispatch(part(0..half)),
+            || pulp::Arch::new().dispatch(part(half..n)),
+        );
+        HeadGradient {
+            loss: first.loss + second.loss,
+            weight: first
+                .weight
+                .iter()
+                .zip(&second.weight)
+                .map(|(a, b)| a + b)
+                .collect(),
+            bias: first
+                .bias
+                .iter()
+                .zip(&second.bias)
+                .map(|(a, b)| a + b)
+                .collect(),
+        }
     }
 }
 
-impl pulp::NullaryFnOnce for HeadObjective<'_> {
+/// Some rows of a [`HeadObjective`]: their terms of its means over `mean_over` rows.
+struct Part<'a> {
+    obj: HeadObjective<'a>,
+    mean_over: usize,
+}
+
+impl pulp::NullaryFnOnce for Part<'_> {
     type Output = HeadGradient;
 
     // Inlined into the dispatcher's target-feature context, where the row loops vectorise.
     #[inline(always)]
     fn call(self) -> HeadGradient {
-        let Self {
+        let HeadObjective {
             z,
             d,
             labels,
@@ -183,9 +221,9 @@ impl pulp::NullaryFnOnce for HeadObjective<'_> {
             w,
             c,
             cfg,
-        } = self;
+        } = self.obj;
         let n = labels.len();
-        let nf = n as f64;
+        let nf = self.mean_over as f64;
         let mut logits = vec![0f32; n * k];
         gemm(
             &mut logits,
