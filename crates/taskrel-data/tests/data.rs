@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use taskrel_data::{DatasetName, Error, Inputs, csv_text, load};
+use taskrel_data::{DatasetName, Error, Inputs, csv_text, load, table};
 
 fn data_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
@@ -423,4 +423,196 @@ fn seeded_split_is_stratified_disjoint_and_reproducible() {
     assert_eq!(shuffled.class_counts(), test.class_counts());
     assert_ne!(shuffled.labels, test.labels);
     assert!(test.split(1.0, 0).is_err());
+}
+
+fn table_spec(label: &str, texts: &[&str]) -> table::TableSpec {
+    table::TableSpec::new(label, texts.iter().map(|t| t.to_string()).collect())
+}
+
+#[test]
+fn labelled_text_csv_reads_named_columns_and_splits_by_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("id,category,title,body\n");
+    for i in 0..30 {
+        let class = ["sport", "arts", "world"][i % 3];
+        csv.push_str(&format!(
+            "{i},{class},Title {i},\"Body {i}, with a comma\"\n"
+        ));
+    }
+    // A quoted field over two lines, an empty title (the body alone is the text).
+    csv.push_str("30,arts,,\"two\nlines\"\n");
+    let plain = write(dir.path(), "t.csv", csv.as_bytes());
+    let spec = table_spec("category", &["title", "body"]);
+    let t = table::load(&plain, &spec).unwrap();
+    assert_eq!(t.rows, 31);
+    assert_eq!(t.train.classes, ["arts", "sport", "world"]);
+    // round(0.3 x 11) = 3 and round(0.3 x 10) = 3 test rows per class.
+    assert_eq!(t.test.class_counts(), [3, 3, 3]);
+    assert_eq!(t.train.class_counts(), [8, 7, 7]);
+    let texts: Vec<&String> = [&t.train, &t.test]
+        .iter()
+        .flat_map(|d| d.texts().unwrap())
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .any(|s| *s == "Title 4\n\nBody 4, with a comma")
+    );
+    assert!(texts.iter().any(|s| *s == "two\nlines"));
+    // The split is a function of the seed, and the same from a compressed copy.
+    let gz = write(dir.path(), "t.csv.gz", &gzip(csv.as_bytes()));
+    let again = table::load(&gz, &spec).unwrap();
+    assert_eq!(again.test.texts(), t.test.texts());
+    let other = table::load(
+        &plain,
+        &table::TableSpec {
+            seed: 1,
+            ..spec.clone()
+        },
+    )
+    .unwrap();
+    assert_ne!(other.test.texts(), t.test.texts());
+    // A class filter and a split column of the file's own.
+    let mut split_csv = String::from("label,text,part\n");
+    for i in 0..12 {
+        let part = if i % 4 == 0 { "test" } else { "train" };
+        split_csv.push_str(&format!("{},text {i},{part}\n", ["a", "b", "c"][i % 3]));
+    }
+    let path = write(dir.path(), "s.csv", split_csv.as_bytes());
+    let spec = table::TableSpec {
+        classes: vec!["a".into(), "b".into()],
+        split_column: Some("part".into()),
+        ..table_spec("label", &["text"])
+    };
+    let t = table::load(&path, &spec).unwrap();
+    assert_eq!(t.train.classes, ["a", "b"]);
+    assert_eq!((t.train.len(), t.test.len()), (6, 2));
+    assert_eq!(t.test.texts().unwrap(), ["text 0", "text 4"]);
+}
+
+#[test]
+fn labelled_text_csv_errors_name_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "label,text\na,one\na,two\nb,three\nb,four\n";
+    let cases: [(&str, String, table::TableSpec, &[&str]); 8] = [
+        (
+            "column.csv",
+            good.into(),
+            table_spec("class", &["text"]),
+            &["line 1", "no column \"class\"", "label, text"],
+        ),
+        (
+            "fields.csv",
+            format!("{good}b,five,extra\n"),
+            table_spec("label", &["text"]),
+            &["line 6", "3 fields, expected 2"],
+        ),
+        (
+            "text.csv",
+            format!("{good}b,\"  \"\n"),
+            table_spec("label", &["text"]),
+            &["line 6", "column \"text\"", "empty text"],
+        ),
+        (
+            "label.csv",
+            format!("{good},six\n"),
+            table_spec("label", &["text"]),
+            &["line 6", "column \"label\"", "empty label"],
+        ),
+        (
+            "single.csv",
+            format!("{good}c,seven\n"),
+            table_spec("label", &["text"]),
+            &["line 6", "\"c\" has one example"],
+        ),
+        (
+            "quote.csv",
+            format!("{good}b,\"never closed\nc,x\n"),
+            table_spec("label", &["text"]),
+            &["line 6", "not closed"],
+        ),
+        (
+            "split.csv",
+            "label,text,part\na,x,train\na,y,dev\n".into(),
+            table::TableSpec {
+                split_column: Some("part".into()),
+                ..table_spec("label", &["text"])
+            },
+            &["line 3", "column \"part\"", "found \"dev\""],
+        ),
+        (
+            "classes.csv",
+            good.into(),
+            table::TableSpec {
+                classes: vec!["a".into(), "z".into()],
+                ..table_spec("label", &["text"])
+            },
+            &["no row has the label \"z\"", "the labels are a, b"],
+        ),
+    ];
+    for (name, text, spec, wanted) in cases {
+        let path = write(dir.path(), name, text.as_bytes());
+        let msg = table::load(&path, &spec).expect_err(name).to_string();
+        assert!(
+            !msg.contains('\n'),
+            "{name}: one-line error expected: {msg}"
+        );
+        assert!(msg.contains(name), "{name}: the file is not named: {msg}");
+        for w in wanted {
+            assert!(msg.contains(w), "{name}: expected {w:?} in: {msg}");
+        }
+    }
+}
+
+#[test]
+fn rotten_tomatoes_and_news_by_outlet_have_their_documented_counts() {
+    let root = data_root();
+    // ../shared/data/README.md: fresh 7,403, rotten 5,405, plot 1,097 (13,905 rows).
+    let spec = table::TableSpec {
+        classes: vec!["fresh".into(), "rotten".into()],
+        ..table_spec("category", &["text"])
+    };
+    let rt = table::load(
+        &root.join("rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2"),
+        &spec,
+    )
+    .unwrap();
+    // The 14 empty texts are all `plot` rows, which are not checked.
+    assert_eq!((rt.rows, rt.skipped), (13_905, 0));
+    let total = |t: &table::Table| -> Vec<usize> {
+        let (a, b) = (t.train.class_counts(), t.test.class_counts());
+        a.iter().zip(&b).map(|(x, y)| x + y).collect()
+    };
+    assert_eq!(total(&rt), [7_403, 5_405]);
+    // aljazeera 559, tass 485, abcnews 474, rte 443, huffpost 436, dw 436, chinadaily 360,
+    // bbc 355, cnn 276; classes in sorted order.
+    let path = root.join("news_articles/news_by_outlet.csv.gz");
+    let spec = table_spec("outlet", &["title", "text"]);
+    // One aljazeera article has neither title nor text (line 1828).
+    let msg = table::load(&path, &spec).unwrap_err().to_string();
+    assert!(
+        msg.contains("line 1828") && msg.contains("empty text"),
+        "{msg}"
+    );
+    let spec = table::TableSpec {
+        skip_empty: true,
+        ..spec
+    };
+    let news = table::load(&path, &spec).unwrap();
+    assert_eq!((news.rows, news.skipped), (3_824, 1));
+    assert_eq!(
+        news.train.classes,
+        [
+            "abcnews",
+            "aljazeera",
+            "bbc",
+            "chinadaily",
+            "cnn",
+            "dw",
+            "huffpost",
+            "rte",
+            "tass"
+        ]
+    );
+    assert_eq!(total(&news), [474, 558, 355, 360, 276, 436, 436, 443, 485]);
 }

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use serde::Serialize;
-use taskrel_data::{Dataset, DatasetName, Inputs, Modality};
+use taskrel_data::{Dataset, DatasetName, Inputs, Modality, SplitName};
 
 #[derive(Debug, Serialize)]
 struct Summary {
-    name: DatasetName,
+    name: String,
     root: String,
     modality: Modality,
     classes: Vec<String>,
@@ -86,32 +86,77 @@ fn summarise(dataset: &Dataset) -> SplitSummary {
     summary
 }
 
+/// Summarises a named dataset found in `root`.
 pub fn run(name: DatasetName, root: &Path, json: bool) -> anyhow::Result<()> {
     let splits = taskrel_data::load(name, root)?;
-    let mut summaries = Vec::new();
-    for (split, dataset) in splits.iter() {
-        summaries.push((split.as_str(), summarise(dataset)));
+    let present: Vec<(SplitName, &Dataset)> = splits.iter().collect();
+    report(
+        name.as_str(),
+        &root.display().to_string(),
+        name.modality(),
+        splits.classes(),
+        &present,
+        json,
+    )
+}
+
+/// Summarises a labelled-text CSV (`csv:PATH`) split as `spec` says.
+pub fn run_table(
+    path: &Path,
+    spec: &taskrel_data::table::TableSpec,
+    json: bool,
+) -> anyhow::Result<()> {
+    let table = taskrel_data::table::load(path, spec)?;
+    let present = [
+        (SplitName::Train, &table.train),
+        (SplitName::Test, &table.test),
+    ];
+    if table.skipped > 0 {
+        eprintln!(
+            "{}: {} of {} rows dropped for an empty text",
+            path.display(),
+            table.skipped,
+            table.rows
+        );
     }
+    report(
+        &format!("csv:{}", path.display()),
+        &path.display().to_string(),
+        Modality::Text,
+        &table.train.classes,
+        &present,
+        json,
+    )
+}
+
+fn report(
+    name: &str,
+    root: &str,
+    modality: Modality,
+    classes: &[String],
+    splits: &[(SplitName, &Dataset)],
+    json: bool,
+) -> anyhow::Result<()> {
+    let summaries: Vec<(&str, SplitSummary)> = splits
+        .iter()
+        .map(|(split, dataset)| (split.as_str(), summarise(dataset)))
+        .collect();
     if json {
         let mut map = serde_json::Map::new();
         for (split, summary) in &summaries {
             map.insert(split.to_string(), serde_json::to_value(summary)?);
         }
         let summary = Summary {
-            name,
-            root: root.display().to_string(),
-            modality: name.modality(),
-            classes: splits.classes().to_vec(),
+            name: name.to_string(),
+            root: root.to_string(),
+            modality,
+            classes: classes.to_vec(),
             splits: map,
         };
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!(
-        "{name} ({}) from {}",
-        name.modality().as_str(),
-        root.display()
-    );
+    println!("{name} ({}) from {root}", modality.as_str());
     for (split, summary) in &summaries {
         print!("  {split}: {} samples", summary.n);
         if let Some(shape) = &summary.image {
@@ -128,19 +173,13 @@ pub fn run(name: DatasetName, root: &Path, json: bool) -> anyhow::Result<()> {
         }
         println!();
     }
-    let width = splits
-        .classes()
-        .iter()
-        .map(|c| c.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
     print!("  {:>3}  {:<width$}", "id", "class");
     for (split, _) in &summaries {
         print!("  {split:>7}");
     }
     println!();
-    for (k, class) in splits.classes().iter().enumerate() {
+    for (k, class) in classes.iter().enumerate() {
         print!("  {k:>3}  {class:<width$}");
         for (_, summary) in &summaries {
             print!("  {:>7}", summary.class_counts[k]);

@@ -14,9 +14,10 @@ mod sweep;
 mod sweep_cmd;
 mod yaml;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -30,11 +31,15 @@ struct Cli {
 enum Command {
     /// Summarise a dataset: splits, counts per class, image size or text lengths.
     Data {
-        /// mnist, fashion_mnist, usps, ag_news or dbpedia.
-        name: taskrel_data::DatasetName,
+        /// mnist, fashion_mnist, usps, ag_news, dbpedia, or csv:PATH for any labelled-text CSV
+        /// with a header (plain, .gz or .bz2; name its columns with --label-column and
+        /// --text-columns).
+        name: String,
         /// Folder holding the dataset's files (default: data/<name>).
         #[arg(long)]
         root: Option<PathBuf>,
+        #[command(flatten)]
+        table: TableArgs,
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
@@ -262,6 +267,50 @@ enum Bench {
     },
 }
 
+/// The columns and split of a `csv:PATH` dataset.
+#[derive(Debug, clap::Args)]
+struct TableArgs {
+    /// Header name of the label column (csv:PATH).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Header names of the text columns, comma-separated, joined in this order (csv:PATH).
+    #[arg(long, value_delimiter = ',')]
+    text_columns: Option<Vec<String>>,
+    /// Keep only rows with these labels, comma-separated (csv:PATH; default: all).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Header name of a column holding train or test per row (csv:PATH; default: a seeded
+    /// split stratified by class).
+    #[arg(long)]
+    split_column: Option<String>,
+    /// Share of each class held out for the test split when there is no split column.
+    #[arg(long, default_value_t = 0.3)]
+    test_fraction: f64,
+    /// Seed of that split.
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Drop rows whose text is empty instead of failing (csv:PATH).
+    #[arg(long)]
+    skip_empty: bool,
+}
+
+impl TableArgs {
+    fn spec(&self) -> anyhow::Result<taskrel_data::table::TableSpec> {
+        let (Some(label), Some(texts)) = (&self.label_column, &self.text_columns) else {
+            bail!("a csv:PATH dataset needs --label-column and --text-columns");
+        };
+        Ok(taskrel_data::table::TableSpec {
+            label_column: label.clone(),
+            text_columns: texts.clone(),
+            classes: self.classes.clone(),
+            split_column: self.split_column.clone(),
+            test_fraction: self.test_fraction,
+            seed: self.split_seed,
+            skip_empty: self.skip_empty,
+        })
+    }
+}
+
 fn parse_variant(s: &str) -> Result<taskrel_score::Variant, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("unknown variant {s:?}, expected learned_all, learned_a or fixed_all"))
@@ -274,10 +323,27 @@ fn parse_solver(s: &str) -> Result<taskrel_score::Solver, String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Data { name, root, json } => {
-            let root = root.unwrap_or_else(|| PathBuf::from("data").join(name.as_str()));
-            data_cmd::run(name, &root, json)
-        }
+        Command::Data {
+            name,
+            root,
+            table,
+            json,
+        } => match name.strip_prefix("csv:") {
+            Some(path) => {
+                if root.is_some() {
+                    bail!("--root applies to named datasets; csv:PATH names its file itself");
+                }
+                data_cmd::run_table(Path::new(path), &table.spec()?, json)
+            }
+            None => {
+                if table.label_column.is_some() || table.text_columns.is_some() {
+                    bail!("--label-column and --text-columns apply to csv:PATH datasets only");
+                }
+                let name: taskrel_data::DatasetName = name.parse()?;
+                let root = root.unwrap_or_else(|| PathBuf::from("data").join(name.as_str()));
+                data_cmd::run(name, &root, json)
+            }
+        },
         Command::Train {
             model,
             data,

@@ -310,7 +310,7 @@ fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
         texts.push(text);
     }
     // A quoted field left open swallows the rest of the file into the last record.
-    if quote_left_open(&raw[last_start.min(raw.len())..]) {
+    if taskrel_data::table::quote_left_open(&raw[last_start.min(raw.len())..]) {
         bail!(
             "{}: line {last_line}: a quoted field is not closed before the end of the file",
             path.display()
@@ -332,30 +332,6 @@ fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
         },
         labelled,
     ))
-}
-
-/// Whether CSV `text` ends inside a quoted field (a quote opens one only at a field's start;
-/// inside, a doubled quote is a literal quote).
-fn quote_left_open(text: &[u8]) -> bool {
-    let (mut quoted, mut field_start) = (false, true);
-    let mut i = 0;
-    while i < text.len() {
-        let b = text[i];
-        if quoted {
-            if b == b'"' {
-                if text.get(i + 1) == Some(&b'"') {
-                    i += 1;
-                } else {
-                    quoted = false;
-                }
-            }
-        } else if field_start && b == b'"' {
-            quoted = true;
-        }
-        field_start = !quoted && (b == b',' || b == b'\n');
-        i += 1;
-    }
-    quoted
 }
 
 /// The target sample: `budget` samples (stratified when labels are used, a seeded random

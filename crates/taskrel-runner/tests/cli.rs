@@ -102,6 +102,57 @@ fn corrupt_or_missing_data_exits_non_zero_with_one_line() {
 }
 
 #[test]
+fn a_labelled_text_csv_is_summarised_and_its_errors_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reviews.csv");
+    let mut csv = String::from("stars,headline,review\n");
+    for i in 0..20 {
+        csv.push_str(&format!(
+            "{},head {i},\"body {i}, long\"\n",
+            ["good", "bad"][i % 2]
+        ));
+    }
+    std::fs::write(&path, &csv).unwrap();
+    let name = format!("csv:{}", path.display());
+    let args = [
+        "data",
+        name.as_str(),
+        "--label-column",
+        "stars",
+        "--text-columns",
+        "headline,review",
+        "--json",
+    ];
+    let summary = json(&args);
+    assert_eq!(summary["classes"], serde_json::json!(["bad", "good"]));
+    assert_eq!(summary["modality"], "text");
+    assert_eq!(
+        summary["splits"]["test"]["class_counts"],
+        serde_json::json!([3, 3])
+    );
+    assert_eq!(
+        summary["splits"]["train"]["class_counts"],
+        serde_json::json!([7, 7])
+    );
+    // Another seed draws another split of the same sizes.
+    let other = json(&[&args[..], &["--split-seed", "3"]].concat());
+    assert_eq!(other["splits"]["test"]["n"], 6);
+
+    std::fs::write(&path, format!("{csv}good,,\"\"\n")).unwrap();
+    let out = taskrel(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("reviews.csv: line 22, column \"headline, review\": empty text"),
+        "{stderr}"
+    );
+    let out = taskrel(&["data", name.as_str(), "--label-column", "stars"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--text-columns"));
+}
+
+#[test]
 fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
     // The ordering of the paper's small-scale study, on the pretrained MNIST CNN's features.
     let root = data_root();
