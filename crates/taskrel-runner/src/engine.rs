@@ -27,13 +27,13 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use taskrel_data::{Dataset, DatasetName};
+use taskrel_data::Dataset;
 use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
 use taskrel_score::baselines::{self, Matrix};
 use taskrel_score::{FeatureSet, Samples};
 
-use crate::sweep::{Cell, Plan, ScoreKind, Source};
+use crate::sweep::{Cell, DataRef, Plan, ScoreKind, Source};
 
 /// Bump when cached content would change for the same key (2: end-to-end fine-tuning of
 /// BERT models trains the encoder, which version 1 left untouched).
@@ -264,7 +264,7 @@ pub struct Engine<'a> {
     data_root: PathBuf,
     cache: PathBuf,
     device: Device,
-    datasets: HashMap<DatasetName, (Dataset, Dataset)>,
+    datasets: HashMap<DataRef, (Dataset, Dataset)>,
     sources: HashMap<(String, u64), ReadySource>,
     /// Seconds spent per stage in this process.
     pub stage_seconds: BTreeMap<String, f64>,
@@ -314,14 +314,13 @@ impl<'a> Engine<'a> {
     }
 
     /// Train and test splits of a dataset, loaded once.
-    fn dataset(&mut self, name: DatasetName) -> anyhow::Result<&(Dataset, Dataset)> {
-        if !self.datasets.contains_key(&name) {
-            let root = self.data_root.join(name.as_str());
-            let ((train, _), (test, _)) = crate::model_cmd::train_test(name, &root)?;
-            self.datasets.insert(name, (train, test));
+    fn dataset(&mut self, name: &DataRef) -> anyhow::Result<&(Dataset, Dataset)> {
+        if !self.datasets.contains_key(name) {
+            let splits = name.load(&self.data_root)?;
+            self.datasets.insert(name.clone(), splits);
         }
         self.datasets
-            .get(&name)
+            .get(name)
             .context("dataset vanished from the engine's table")
     }
 
@@ -348,7 +347,7 @@ impl<'a> Engine<'a> {
                 .as_bytes(),
             );
         }
-        let ready = match source.train_on {
+        let ready = match &source.train_on {
             None => {
                 let mut ready = ReadySource {
                     reference: base,
@@ -357,7 +356,7 @@ impl<'a> Engine<'a> {
                     layers: source.layers,
                     random_init: source.random_init,
                 };
-                if let Some(d) = source.reference {
+                if let Some(d) = &source.reference {
                     ready.test_accuracy = self.source_accuracy(&ready, seed, d)?;
                 }
                 ready
@@ -367,7 +366,7 @@ impl<'a> Engine<'a> {
                 cfg.seed = seed;
                 let key = sha256_hex(
                     serde_json::to_string(&json!({
-                        "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.as_str(),
+                        "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.to_string(),
                         "config": cfg, "max_len": self.plan.sweep.max_len,
                     }))?
                     .as_bytes(),
@@ -400,7 +399,7 @@ impl<'a> Engine<'a> {
         mut model: Model,
         base: &ModelRef,
         from: &str,
-        train_on: DatasetName,
+        train_on: &DataRef,
         cfg: &TrainConfig,
         dir: &Path,
     ) -> anyhow::Result<SourceRecord> {
@@ -436,7 +435,7 @@ impl<'a> Engine<'a> {
 
     /// The test split a source is evaluated on: `measure.test_per_class` per class (seed 0)
     /// when set, else all of it.
-    fn source_test_set(&mut self, name: DatasetName) -> anyhow::Result<Dataset> {
+    fn source_test_set(&mut self, name: &DataRef) -> anyhow::Result<Dataset> {
         let per_class = self.plan.sweep.measure.test_per_class;
         let test = &self.dataset(name)?.1;
         Ok(match per_class {
@@ -450,11 +449,12 @@ impl<'a> Engine<'a> {
         &mut self,
         ready: &ReadySource,
         seed: u64,
-        reference: DatasetName,
+        reference: &DataRef,
     ) -> anyhow::Result<Option<f64>> {
         let hash = &ready.weights;
         let path = self.cache.join("source-eval").join(format!(
-            "{hash}-{reference}-{}.json",
+            "{hash}-{}-{}.json",
+            reference.file_key(),
             self.plan
                 .sweep
                 .measure
@@ -694,7 +694,7 @@ impl<'a> Engine<'a> {
         let plan = self.plan;
         let target = &plan.targets[&cell.target];
         let (target_train, target_test) = {
-            let (train_set, test_set) = self.dataset(target.dataset)?;
+            let (train_set, test_set) = self.dataset(&target.dataset)?;
             match &target.classes {
                 Some(c) => (train_set.subset_classes(c)?, test_set.subset_classes(c)?),
                 None => (train_set.clone(), test_set.clone()),
@@ -707,7 +707,7 @@ impl<'a> Engine<'a> {
             .unwrap_or_else(|| "all".into());
         let (fit_pool, eval_pool) = {
             let classes = target.classes.as_deref();
-            let (train_set, test_set) = self.dataset(target.dataset)?;
+            let (train_set, test_set) = self.dataset(&target.dataset)?;
             (
                 target_pool(train_set, classes)?,
                 target_pool(test_set, classes)?,
@@ -733,7 +733,7 @@ impl<'a> Engine<'a> {
         &mut self,
         model: &Model,
         weights: &str,
-        reference: DatasetName,
+        reference: &DataRef,
         seed: u64,
     ) -> anyhow::Result<(FeatureSet, FeatureSet)> {
         let per_class = self.plan.sweep.score.reference_per_class;
@@ -788,9 +788,9 @@ impl<'a> Engine<'a> {
         stage("features");
         let t = Instant::now();
         let model = self.load_ready(&ready, cell.seed)?;
-        let ref_feats = match source.reference {
+        let ref_feats = match &source.reference {
             Some(reference) => {
-                row.insert("reference".into(), json!(reference.as_str()));
+                row.insert("reference".into(), json!(reference.to_string()));
                 let (fit, eval) =
                     self.reference_features(&model, &ready.weights, reference, cell.seed)?;
                 row.insert("n_reference".into(), json!(fit.n));

@@ -20,8 +20,8 @@ use taskrel_models::train::TrainConfig;
 
 use crate::engine::{Engine, Row, TargetSample, sha256_hex, write_atomic};
 use crate::sweep::{
-    Cell, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef, higher_is_better,
-    unplaced,
+    Cell, CsvDef, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef,
+    higher_is_better, unplaced,
 };
 
 /// A zoo file as written.
@@ -32,6 +32,9 @@ pub struct Zoo {
     #[serde(default)]
     pub description: String,
     pub models: BTreeMap<String, ModelDef>,
+    /// Labelled-text CSVs by name, usable as `train_on` or `reference`.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, CsvDef>,
     #[serde(default)]
     pub pretrain: TrainConfig,
     #[serde(default)]
@@ -485,6 +488,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
             seed: vec![opts.seed],
         },
         models: zoo.models,
+        datasets: zoo.datasets,
         exclude: Vec::new(),
         pretrain: zoo.pretrain,
         finetune: TrainConfig::default(),

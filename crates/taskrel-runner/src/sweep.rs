@@ -29,6 +29,9 @@ pub struct Sweep {
     pub models: BTreeMap<String, ModelDef>,
     /// Targets by name.
     pub targets: BTreeMap<String, TargetDef>,
+    /// Labelled-text CSV datasets by name, usable wherever a dataset is named.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, CsvDef>,
     pub grid: Grid,
     /// Cells to leave out: every given key must match.
     #[serde(default)]
@@ -87,6 +90,124 @@ pub struct TargetDef {
     /// Keep these classes only (relabelled 0..k in the given order).
     #[serde(default)]
     pub classes: Option<Spanned<Vec<u32>>>,
+}
+
+/// A labelled-text CSV defined in a sweep or zoo file (see `taskrel_data::table`).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvDef {
+    /// The file (plain, `.gz` or `.bz2`); a relative path is looked up under the data root
+    /// first.
+    pub csv: Spanned<String>,
+    pub label_column: String,
+    pub text_columns: Vec<String>,
+    /// Keep only rows with these labels (all when absent).
+    #[serde(default)]
+    pub classes: Vec<String>,
+    /// A column holding `train` or `test`; absent: a seeded split stratified by class.
+    #[serde(default)]
+    pub split_column: Option<String>,
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Drop rows whose text is empty instead of failing.
+    #[serde(default)]
+    pub skip_empty: bool,
+}
+
+fn default_test_fraction() -> f64 {
+    0.3
+}
+
+/// A dataset a plan names: one of the built-in datasets, or a CSV its file defines.
+#[derive(Clone, Debug)]
+pub enum DataRef {
+    Named(DatasetName),
+    Csv(std::sync::Arc<CsvData>),
+}
+
+/// A CSV dataset of a plan: where it is and how it is read.
+#[derive(Debug)]
+pub struct CsvData {
+    pub path: PathBuf,
+    pub spec: taskrel_data::table::TableSpec,
+    /// Everything that determines its rows and split, for display and cache keys.
+    key: String,
+}
+
+impl DataRef {
+    pub fn modality(&self) -> Modality {
+        match self {
+            Self::Named(d) => d.modality(),
+            Self::Csv(_) => Modality::Text,
+        }
+    }
+
+    /// The train and test splits (a named dataset with one split on disk is split 80/20).
+    pub fn load(
+        &self,
+        data_root: &Path,
+    ) -> anyhow::Result<(taskrel_data::Dataset, taskrel_data::Dataset)> {
+        match self {
+            Self::Named(d) => {
+                let ((train, _), (test, _)) =
+                    crate::model_cmd::train_test(*d, &data_root.join(d.as_str()))?;
+                Ok((train, test))
+            }
+            Self::Csv(c) => {
+                let table = taskrel_data::table::load(&c.path, &c.spec)?;
+                Ok((table.train, table.test))
+            }
+        }
+    }
+
+    /// A name for file names: the dataset's for a built-in one, a digest of the CSV's key.
+    pub fn file_key(&self) -> String {
+        match self {
+            Self::Named(d) => d.as_str().to_string(),
+            Self::Csv(c) => format!("csv-{}", &crate::engine::sha256_hex(c.key.as_bytes())[..16]),
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            Self::Named(d) => d.as_str(),
+            Self::Csv(c) => &c.key,
+        }
+    }
+}
+
+impl fmt::Display for DataRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+impl PartialEq for DataRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for DataRef {}
+
+impl std::hash::Hash for DataRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialOrd for DataRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DataRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(other.key())
+    }
 }
 
 /// The Cartesian product of cells.
@@ -307,8 +428,8 @@ pub struct Source {
     /// `lenet200`, a resolved path, or `hf:org/name`.
     pub from: String,
     pub modality: Modality,
-    pub train_on: Option<DatasetName>,
-    pub reference: Option<DatasetName>,
+    pub train_on: Option<DataRef>,
+    pub reference: Option<DataRef>,
     pub layers: Option<usize>,
     pub random_init: bool,
 }
@@ -317,7 +438,7 @@ pub struct Source {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub name: String,
-    pub dataset: DatasetName,
+    pub dataset: DataRef,
     pub classes: Option<Vec<u32>>,
 }
 
@@ -391,10 +512,123 @@ fn at<T>(
     }
 }
 
-fn dataset(path: &Path, key: &str, name: &Spanned<String>) -> anyhow::Result<DatasetName> {
+/// A built-in dataset, or one of `defined` (the file's `datasets:`).
+fn dataset(
+    path: &Path,
+    key: &str,
+    name: &Spanned<String>,
+    defined: &BTreeMap<String, DataRef>,
+) -> anyhow::Result<DataRef> {
+    if let Some(d) = defined.get(&name.value) {
+        return Ok(d.clone());
+    }
     name.value
         .parse::<DatasetName>()
-        .map_err(|e| at(path, name, key, e))
+        .map(DataRef::Named)
+        .map_err(|e| {
+            let extra = if defined.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; or a dataset defined under datasets: {}",
+                    defined.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            at(path, name, key, format!("{e}{extra}"))
+        })
+}
+
+/// The file's `datasets:`, checked (the files themselves only when `check_files`).
+fn csv_datasets(
+    path: &Path,
+    defs: &BTreeMap<String, CsvDef>,
+    data_root: &Path,
+    check_files: bool,
+) -> anyhow::Result<BTreeMap<String, DataRef>> {
+    let mut out = BTreeMap::new();
+    for (key, def) in defs {
+        let place = format!("datasets.{key}");
+        if key.parse::<DatasetName>().is_ok() {
+            return Err(at(
+                path,
+                &def.csv,
+                &place,
+                "this name is a built-in dataset's",
+            ));
+        }
+        if def.text_columns.is_empty() || def.label_column.is_empty() {
+            return Err(at(
+                path,
+                &def.csv,
+                &place,
+                "expected a label_column and at least one of text_columns",
+            ));
+        }
+        if !(def.test_fraction > 0.0 && def.test_fraction < 1.0) {
+            return Err(at(
+                path,
+                &def.csv,
+                &format!("{place}.test_fraction"),
+                format!(
+                    "expected a fraction strictly between 0 and 1, got {}",
+                    def.test_fraction
+                ),
+            ));
+        }
+        let given = PathBuf::from(&def.csv.value);
+        let under_root = data_root.join(&given);
+        let file = if given.is_relative() && under_root.is_file() {
+            under_root
+        } else {
+            given
+        };
+        if check_files && !file.is_file() {
+            return Err(at(
+                path,
+                &def.csv,
+                &format!("{place}.csv"),
+                format!(
+                    "no file {} (relative paths are looked up under {} first)",
+                    file.display(),
+                    data_root.display()
+                ),
+            ));
+        }
+        let spec = taskrel_data::table::TableSpec {
+            label_column: def.label_column.clone(),
+            text_columns: def.text_columns.clone(),
+            classes: def.classes.clone(),
+            split_column: def.split_column.clone(),
+            test_fraction: def.test_fraction,
+            seed: def.split_seed,
+            skip_empty: def.skip_empty,
+        };
+        let key_text = format!(
+            "csv:{} (label {}; text {}; classes {}; {}; skip empty {})",
+            file.display(),
+            spec.label_column,
+            spec.text_columns.join(","),
+            if spec.classes.is_empty() {
+                "all".to_string()
+            } else {
+                spec.classes.join(",")
+            },
+            match &spec.split_column {
+                Some(c) => format!("split column {c}"),
+                None => format!("test fraction {} seed {}", spec.test_fraction, spec.seed),
+            },
+            spec.skip_empty
+        );
+        out.insert(
+            key.clone(),
+            DataRef::Csv(std::sync::Arc::new(CsvData {
+                path: file,
+                spec,
+                key: key_text,
+            })),
+        );
+    }
+    Ok(out)
 }
 
 /// Checks that `name` is a key of `map` (models or targets), else names the defined ones.
@@ -651,6 +885,7 @@ impl Sweep {
             .iter()
             .map(|(k, d)| ("models", k, &d.from))
             .chain(self.targets.iter().map(|(k, d)| ("targets", k, &d.dataset)))
+            .chain(self.datasets.iter().map(|(k, d)| ("datasets", k, &d.csv)))
         {
             if key.is_empty()
                 || !key
@@ -666,6 +901,7 @@ impl Sweep {
             }
         }
         self.check_numbers(path)?;
+        let defined = csv_datasets(path, &self.datasets, data_root, check_files)?;
         let mut sources = BTreeMap::new();
         for (key, def) in &self.models {
             let (from, modality) = resolve_from(
@@ -678,11 +914,16 @@ impl Sweep {
             let train_on = def
                 .train_on
                 .as_ref()
-                .map(|d| dataset(path, &format!("models.{key}.train_on"), d))
+                .map(|d| dataset(path, &format!("models.{key}.train_on"), d, &defined))
                 .transpose()?;
             let reference = match &def.reference {
-                Some(d) => Some(dataset(path, &format!("models.{key}.reference"), d)?),
-                None => train_on,
+                Some(d) => Some(dataset(
+                    path,
+                    &format!("models.{key}.reference"),
+                    d,
+                    &defined,
+                )?),
+                None => train_on.clone(),
             };
             if (def.layers.is_some() || def.random_init) && modality != Modality::Text {
                 return Err(at(
@@ -701,8 +942,8 @@ impl Sweep {
                 ));
             }
             for (what, d, spanned) in [
-                ("train_on", train_on, &def.train_on),
-                ("reference", reference, &def.reference),
+                ("train_on", &train_on, &def.train_on),
+                ("reference", &reference, &def.reference),
             ] {
                 if let (Some(d), Some(spanned)) = (d, spanned)
                     && d.modality() != modality
@@ -735,7 +976,12 @@ impl Sweep {
         }
         let mut targets = BTreeMap::new();
         for (key, def) in &self.targets {
-            let d = dataset(path, &format!("targets.{key}.dataset"), &def.dataset)?;
+            let d = dataset(
+                path,
+                &format!("targets.{key}.dataset"),
+                &def.dataset,
+                &defined,
+            )?;
             if let Some(classes) = &def.classes {
                 let mut seen = classes.value.clone();
                 seen.sort_unstable();
@@ -748,14 +994,21 @@ impl Sweep {
                         "expected at least two distinct class indices",
                     ));
                 }
-                if let Some(&bad) = seen.iter().find(|&&c| c as usize >= d.num_classes()) {
+                // A CSV's classes are known once it is read (checked with the sample sizes).
+                let count = match &d {
+                    DataRef::Named(named) => Some(named.num_classes()),
+                    DataRef::Csv(_) => None,
+                };
+                if let Some(count) = count
+                    && let Some(&bad) = seen.iter().find(|&&c| c as usize >= count)
+                {
                     return Err(at(
                         path,
                         classes,
                         &format!("targets.{key}.classes"),
                         format!(
                             "class {bad} is outside {d}, whose classes are 0..{}",
-                            d.num_classes() - 1
+                            count - 1
                         ),
                     ));
                 }

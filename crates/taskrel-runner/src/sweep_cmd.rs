@@ -31,15 +31,15 @@ pub fn load_plan(path: &Path, data_root: &Path, check_files: bool) -> anyhow::Re
 /// half of each reference dataset's train split, fine-tuning samples from each target's train
 /// split.
 fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Result<()> {
-    use taskrel_data::DatasetName;
-    let mut loaded: std::collections::BTreeMap<DatasetName, taskrel_data::Dataset> =
+    use crate::sweep::DataRef;
+    let mut loaded: std::collections::BTreeMap<DataRef, taskrel_data::Dataset> =
         std::collections::BTreeMap::new();
-    let mut train = |name: DatasetName| -> anyhow::Result<taskrel_data::Dataset> {
-        if let Some(d) = loaded.get(&name) {
+    let mut train = |name: &DataRef| -> anyhow::Result<taskrel_data::Dataset> {
+        if let Some(d) = loaded.get(name) {
             return Ok(d.clone());
         }
-        let ((train, _), _) = crate::model_cmd::train_test(name, &data_root.join(name.as_str()))?;
-        loaded.insert(name, train.clone());
+        let (train, _) = name.load(data_root)?;
+        loaded.insert(name.clone(), train.clone());
         Ok(train)
     };
     // (class, count) of the first smallest class.
@@ -56,7 +56,7 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         if !cells_use(&|c| c.target == target.name) {
             continue;
         }
-        let split = train(target.dataset)?;
+        let split = train(&target.dataset)?;
         let pool = crate::engine::target_pool(&split, target.classes.as_deref())?;
         let (class, n) = smallest(&pool);
         if sweep.score.target_per_class > n {
@@ -90,7 +90,7 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         }
     }
     for source in plan.sources.values() {
-        let (Some(train_on), Some(asked)) = (source.train_on, sweep.pretrain.per_class) else {
+        let (Some(train_on), Some(asked)) = (&source.train_on, sweep.pretrain.per_class) else {
             continue;
         };
         if !cells_use(&|c| c.model == source.name) {
@@ -112,7 +112,7 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
     }
     if plan.scores.iter().any(|s| s.needs_reference()) {
         for source in plan.sources.values() {
-            let Some(reference) = source.reference else {
+            let Some(reference) = &source.reference else {
                 continue;
             };
             if !cells_use(&|c| c.model == source.name) {
@@ -170,7 +170,7 @@ pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()>
         );
         for (i, c) in plan.cells.iter().enumerate() {
             let source = &plan.sources[&c.model];
-            let how = match source.train_on {
+            let how = match &source.train_on {
                 Some(d) => format!("{} trained on {d}", source.from),
                 None => source.from.clone(),
             };

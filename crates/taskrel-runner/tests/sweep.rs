@@ -594,3 +594,118 @@ fn a_damaged_or_edited_cache_entry_is_recomputed_and_stale_temp_files_go() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn csv_datasets_serve_as_targets_and_references_of_a_text_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reviews = String::from("stars,headline,body\n");
+    let mut topics = String::from("topic,text,part\n");
+    let words = [
+        ["superb", "wonderful", "great"],
+        ["dreadful", "boring", "awful"],
+        ["average", "fine", "ordinary"],
+    ];
+    for i in 0..36 {
+        let k = i % 3;
+        let w = words[k][i % 3];
+        reviews.push_str(&format!(
+            "{},\"A {w} film, number {i}\",\"The plot was {} and the cast {w}.\"\n",
+            ["good", "bad", "so-so"][k],
+            words[k][(i / 3) % 3]
+        ));
+        let part = if i % 4 == 0 { "test" } else { "train" };
+        topics.push_str(&format!(
+            "{},\"{} report {i}: {}\",{part}\n",
+            ["sport", "politics", "science"][k],
+            ["The match", "The election", "The experiment"][k],
+            [
+                "goals and a late winner",
+                "votes and a new cabinet",
+                "a lab and a new result"
+            ][k]
+        ));
+    }
+    std::fs::write(tmp.path().join("reviews.csv"), &reviews).unwrap();
+    std::fs::write(tmp.path().join("topics.csv"), &topics).unwrap();
+    let sweep = format!(
+        "name: csv
+datasets:
+  reviews: {{csv: {dir}/reviews.csv, label_column: stars, text_columns: [headline, body]}}
+  topics: {{csv: {dir}/topics.csv, label_column: topic, text_columns: [text], split_column: part}}
+models:
+  minilm: {{from: models/all-MiniLM-L6-v2, reference: topics}}
+targets:
+  r: {{dataset: reviews}}
+grid: {{model: [minilm], target: [r]}}
+finetune: {{epochs: 1, batch_size: 8, per_class: 6}}
+score:
+  scores: [relatedness, logme]
+  reference_per_class: 3
+  target_per_class: 3
+  relatedness: {{iterations: 5, batch_size: 9, head_epochs: 3}}
+max_len: 24
+",
+        dir = tmp.path().display()
+    );
+    let path = tmp.path().join("csv.yaml");
+    std::fs::write(&path, &sweep).unwrap();
+    let results = tmp.path().join("results");
+    let cache = tmp.path().join("cache");
+    let p = path.to_str().unwrap();
+    ok(&[
+        "run",
+        p,
+        "--results",
+        results.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let mut r = csv::Reader::from_path(results.join("csv/cells.csv")).unwrap();
+    let headers = r.headers().unwrap().clone();
+    let row = r.records().next().unwrap().unwrap();
+    let get = |name: &str| row[headers.iter().position(|h| h == name).unwrap()].to_string();
+    assert_eq!(get("target"), "r");
+    assert!(get("reference").starts_with("csv:"), "{}", get("reference"));
+    assert!(
+        get("reference").contains("topics.csv"),
+        "{}",
+        get("reference")
+    );
+    for score in ["bound", "logme", "accuracy_linear_probe"] {
+        let v: f64 = get(score).parse().unwrap_or(f64::NAN);
+        assert!(v.is_finite(), "{score} = {:?}", get(score));
+    }
+
+    // Mistakes in a CSV dataset are placed: a built-in name, a file that is not there, a
+    // column the file lacks (placed in the CSV by the file's own line).
+    let cases = [
+        (
+            sweep
+                .replace("  reviews: {csv", "  mnist: {csv")
+                .replace("dataset: reviews", "dataset: mnist"),
+            "datasets.mnist",
+            "built-in",
+        ),
+        (
+            sweep.replace("reviews.csv, label", "absent.csv, label"),
+            "datasets.reviews.csv",
+            "no file",
+        ),
+        (
+            sweep.replace("label_column: stars", "label_column: rating"),
+            "reviews.csv: line 1 (header)",
+            "no column \"rating\"",
+        ),
+    ];
+    for (text, place, message) in cases {
+        std::fs::write(&path, &text).unwrap();
+        let out = command(&["plan", p]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "plan accepted:\n{text}");
+        assert!(
+            err.contains(place) && err.contains(message),
+            "{err:?} lacks {place:?} / {message:?}"
+        );
+    }
+}
