@@ -19,6 +19,7 @@
 pub mod bert;
 pub mod cnn;
 mod error;
+pub mod hub;
 mod init;
 mod kernels;
 mod model;

@@ -6,7 +6,7 @@
 //! | `path/to/file.pth` | a ccexam digit CNN from a PyTorch state dict; the architecture is recognised from the tensor names |
 //! | `path/to/folder` with `taskrel.json` | a taskrel checkpoint (any architecture) |
 //! | `path/to/folder` with `config.json` | a BERT-family encoder (no head) |
-//! | `hf:org/name` | the same, from the Hugging Face Hub cache (`$HF_HOME/hub`, or the folder given); never downloads |
+//! | `hf:org/name[@revision]` | the same, from the Hugging Face Hub cache (`$HF_HOME/hub`, or the folder given); missing files are downloaded into it only when `LoadOptions::hub_download` is set ([`crate::hub`]) |
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,8 @@ pub enum ModelRef {
     Lenet200,
     /// A local file or folder.
     Path(PathBuf),
-    /// A Hugging Face Hub model id, resolved in the local cache only.
+    /// A Hugging Face Hub model id, `org/name` or `org/name@revision`: read from the local
+    /// cache, downloaded into it only when [`LoadOptions::hub_download`] allows.
     Hub(String),
 }
 
@@ -38,10 +39,18 @@ impl FromStr for ModelRef {
         Ok(match s {
             "lenet200" => Self::Lenet200,
             _ => match s.strip_prefix("hf:") {
-                Some(id) if id.contains('/') => Self::Hub(id.to_string()),
+                Some(id)
+                    if id
+                        .split_once('@')
+                        .map_or(id, |(repo, _)| repo)
+                        .contains('/')
+                        && !id.ends_with('@') =>
+                {
+                    Self::Hub(id.to_string())
+                }
                 Some(id) => {
                     return Err(Error::Invalid(format!(
-                        "hub reference hf:{id} must be hf:org/name"
+                        "hub reference hf:{id} must be hf:org/name or hf:org/name@revision"
                     )));
                 }
                 None => Self::Path(PathBuf::from(s)),
@@ -71,6 +80,9 @@ pub struct LoadOptions {
     pub max_len: usize,
     /// Hugging Face Hub cache folder; `None` uses `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
     pub hub_cache: Option<PathBuf>,
+    /// Download `hf:` models missing from the cache from here; `None` (the default) never
+    /// downloads.
+    pub hub_download: Option<crate::hub::Download>,
     /// Keep only the first this many transformer layers of a BERT model (a truncation).
     pub layers: Option<usize>,
     /// Draw a BERT model's weights from `seed` instead of loading them: the untrained model
@@ -85,6 +97,7 @@ impl Default for LoadOptions {
             seed: 0,
             max_len: text::DEFAULT_MAX_LEN,
             hub_cache: None,
+            hub_download: None,
             layers: None,
             random_init: false,
         }
@@ -140,24 +153,57 @@ pub fn load(reference: &ModelRef, options: &LoadOptions) -> Result<Model> {
                 Some(dir) => hf_hub::Cache::new(dir.clone()),
                 None => hf_hub::Cache::from_env(),
             };
-            let repo = cache.repo(hf_hub::Repo::model(id.clone()));
-            let need = |name: &str| {
-                repo.get(name).ok_or_else(|| {
-                    Error::file(
-                        cache.path(),
-                        format!(
-                            "hf:{id}: {name} not in the Hugging Face cache; download the model on a connected \
-                             machine (huggingface-cli download {id}) or give a local folder"
-                        ),
-                    )
+            let (repo_id, revision) = id.split_once('@').unwrap_or((id.as_str(), "main"));
+            let files_in_cache = || {
+                let repo = cache.repo(hf_hub::Repo::with_revision(
+                    repo_id.to_string(),
+                    hf_hub::RepoType::Model,
+                    revision.to_string(),
+                ));
+                let need = |name: &str| {
+                    repo.get(name).ok_or_else(|| {
+                        let how = if options.hub_download.is_some() {
+                            "it was not downloaded".to_string()
+                        } else {
+                            format!(
+                                "downloads are off (--offline or HF_HUB_OFFLINE=1; a library caller \
+                                 sets LoadOptions::hub_download): download it on a connected machine \
+                                 (huggingface-cli download {repo_id}) or give a local folder"
+                            )
+                        };
+                        Error::file(
+                            cache.path(),
+                            format!("hf:{id}: {name} not in the Hugging Face cache; {how}"),
+                        )
+                    })
+                };
+                Ok::<_, Error>(TextFiles {
+                    config: need("config.json")?,
+                    tokenizer: need("tokenizer.json")?,
+                    weights: need("model.safetensors")?,
+                    modules: repo.get("modules.json"),
+                    pooling: repo.get("1_Pooling/config.json"),
                 })
             };
-            let files = TextFiles {
-                config: need("config.json")?,
-                tokenizer: need("tokenizer.json")?,
-                weights: need("model.safetensors")?,
-                modules: repo.get("modules.json"),
-                pooling: repo.get("1_Pooling/config.json"),
+            let files = match (files_in_cache(), &options.hub_download) {
+                (Ok(files), _) => files,
+                (Err(_), Some(how)) => {
+                    crate::hub::fetch(
+                        cache.path(),
+                        repo_id,
+                        revision,
+                        &[
+                            ("config.json", true),
+                            ("tokenizer.json", true),
+                            ("model.safetensors", true),
+                            ("modules.json", false),
+                            ("1_Pooling/config.json", false),
+                        ],
+                        how,
+                    )?;
+                    files_in_cache()?
+                }
+                (Err(e), None) => return Err(e),
             };
             load_text(&files, &format!("hf:{id}"), options)
         }

@@ -458,3 +458,259 @@ fn bert_gradients_reach_every_weight_and_match_pytorch() {
         );
     }
 }
+
+/// A local stand-in for the Hub: `resolve` URLs answer `HEAD` with the Hub's headers (the
+/// large file by a redirect to `/cdn/<sha256>` with `X-Linked-Etag`/`X-Linked-Size`), `GET`
+/// with the bytes, honouring `Range`; the first whole-file `GET` of the large file is cut off
+/// half way. Repository `org/broken` answers 500. Every request is logged.
+mod hub_server {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    pub struct Server {
+        pub url: String,
+        pub log: Arc<Mutex<Vec<String>>>,
+    }
+
+    pub fn start(files: HashMap<String, Vec<u8>>, large: &str, large_sha: String) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = log.clone();
+        let large = large.to_string();
+        std::thread::spawn(move || {
+            let mut cut_done = false;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut range: Option<u64> = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("range: bytes=") {
+                        range = v.trim().trim_end_matches('-').parse().ok();
+                    }
+                }
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                let (method, path) = (parts[0].to_string(), parts[1].to_string());
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{method} {path} range={range:?}"));
+                let mut head = |status: &str, headers: Vec<(String, String)>| {
+                    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+                    for (k, v) in headers {
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    out.push_str("\r\n");
+                    stream.write_all(out.as_bytes()).unwrap();
+                };
+                if path.starts_with("/org/broken/") {
+                    head(
+                        "500 Internal Server Error",
+                        vec![("Content-Length".into(), "0".into())],
+                    );
+                    continue;
+                }
+                if let Some(sha) = path.strip_prefix("/cdn/") {
+                    let body = &files[&large];
+                    assert_eq!(sha, large_sha);
+                    match range {
+                        Some(from) => {
+                            let rest = &body[from as usize..];
+                            head(
+                                "206 Partial Content",
+                                vec![("Content-Length".into(), rest.len().to_string())],
+                            );
+                            stream.write_all(rest).unwrap();
+                        }
+                        None => {
+                            head(
+                                "200 OK",
+                                vec![("Content-Length".into(), body.len().to_string())],
+                            );
+                            let end = if cut_done { body.len() } else { body.len() / 2 };
+                            cut_done = true;
+                            let _ = stream.write_all(&body[..end]);
+                        }
+                    }
+                    continue;
+                }
+                // /org/tiny/resolve/<revision>/<file>
+                let rest = path.strip_prefix("/org/tiny/resolve/").unwrap_or("");
+                let file = rest.split_once('/').map_or("", |(_, f)| f);
+                let Some(body) = files.get(file) else {
+                    head("404 Not Found", vec![("Content-Length".into(), "0".into())]);
+                    continue;
+                };
+                let commit = ("X-Repo-Commit".to_string(), COMMIT.to_string());
+                if file == large {
+                    head(
+                        "302 Found",
+                        vec![
+                            commit,
+                            ("Location".into(), format!("/cdn/{large_sha}")),
+                            ("X-Linked-Etag".into(), format!("\"{large_sha}\"")),
+                            ("X-Linked-Size".into(), body.len().to_string()),
+                            ("Content-Length".into(), "0".into()),
+                        ],
+                    );
+                    continue;
+                }
+                let etag = format!("\"{:040x}\"", body.len() * 7919 + file.len());
+                head(
+                    "200 OK",
+                    vec![
+                        commit,
+                        ("ETag".into(), etag),
+                        ("Content-Length".into(), body.len().to_string()),
+                    ],
+                );
+                if method == "GET" {
+                    stream.write_all(body).unwrap();
+                }
+            }
+        });
+        Server { url, log }
+    }
+}
+
+#[test]
+fn hub_models_download_into_the_cache_resume_and_respect_offline() {
+    use sha2::Digest;
+    let minilm = data_root().join("models/all-MiniLM-L6-v2");
+    let mut files = std::collections::HashMap::new();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+    ] {
+        files.insert(f.to_string(), std::fs::read(minilm.join(f)).unwrap());
+    }
+    let large_sha: String = sha2::Sha256::digest(&files["model.safetensors"])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let size = files["model.safetensors"].len();
+    let server = hub_server::start(files, "model.safetensors", large_sha.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let online = LoadOptions {
+        hub_cache: Some(cache.path().into()),
+        hub_download: Some(taskrel_models::hub::Download {
+            endpoint: server.url.clone(),
+            token: None,
+            progress: false,
+        }),
+        ..Default::default()
+    };
+    let offline = LoadOptions {
+        hub_download: None,
+        ..online.clone()
+    };
+    let texts = Dataset {
+        inputs: Inputs::Texts(vec![
+            "A download test.".into(),
+            "Cached models load offline.".into(),
+        ]),
+        labels: vec![0, 0],
+        classes: vec!["any".into()],
+    };
+    let embed = |m: &taskrel_models::Model| {
+        m.features(&texts, &[0, 1], None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let local = embed(&load(&ModelRef::Path(minilm.clone()), &LoadOptions::default()).unwrap());
+
+    // Offline and not cached: a clear refusal, and no request.
+    let err = load(&"hf:org/tiny".parse().unwrap(), &offline)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not in the Hugging Face cache") && err.contains("downloads are off"),
+        "{err}"
+    );
+    assert!(server.log.lock().unwrap().is_empty());
+
+    // Online: downloaded (the cut-off transfer resumed from its half), same model as the folder.
+    let got = embed(&load(&"hf:org/tiny".parse().unwrap(), &online).unwrap());
+    assert_eq!(got, local);
+    let log = server.log.lock().unwrap().clone();
+    let cdn = format!("GET /cdn/{large_sha}");
+    assert!(log.contains(&format!("{cdn} range=None")), "{log:#?}");
+    assert!(
+        log.contains(&format!("{cdn} range=Some({})", size / 2)),
+        "{log:#?}"
+    );
+    let repo = cache.path().join("models--org--tiny");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        hub_server::COMMIT
+    );
+    let pointer = repo
+        .join("snapshots")
+        .join(hub_server::COMMIT)
+        .join("model.safetensors");
+    assert_eq!(
+        std::fs::read_link(&pointer).unwrap(),
+        Path::new("../../blobs").join(&large_sha)
+    );
+    assert_eq!(
+        std::fs::read_link(
+            repo.join("snapshots")
+                .join(hub_server::COMMIT)
+                .join("1_Pooling/config.json")
+        )
+        .unwrap()
+        .parent()
+        .unwrap(),
+        Path::new("../../../blobs")
+    );
+    assert!(std::fs::read_dir(repo.join("blobs")).unwrap().all(|e| {
+        !e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".incomplete")
+    }));
+
+    // Cached: offline loads it (also by revision after an online lookup), with no request.
+    let requests = server.log.lock().unwrap().len();
+    assert_eq!(
+        embed(&load(&"hf:org/tiny".parse().unwrap(), &offline).unwrap()),
+        local
+    );
+    assert_eq!(server.log.lock().unwrap().len(), requests);
+    let pinned = format!("hf:org/tiny@{}", hub_server::COMMIT);
+    assert_eq!(
+        embed(&load(&pinned.parse().unwrap(), &online).unwrap()),
+        local
+    );
+    assert_eq!(
+        embed(&load(&pinned.parse().unwrap(), &offline).unwrap()),
+        local
+    );
+
+    // A server error is named, with the repository and file.
+    let err = load(&"hf:org/broken".parse().unwrap(), &online)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hf:org/broken@main: config.json") && err.contains("HTTP 500"),
+        "{err}"
+    );
+}

@@ -264,6 +264,8 @@ pub struct Engine<'a> {
     data_root: PathBuf,
     cache: PathBuf,
     device: Device,
+    /// Where `hf:` models missing from the cache are downloaded from; `None`: never.
+    hub: Option<taskrel_models::hub::Download>,
     datasets: HashMap<DataRef, (Dataset, Dataset)>,
     sources: HashMap<(String, u64), ReadySource>,
     /// Seconds spent per stage in this process.
@@ -271,7 +273,13 @@ pub struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
-    pub fn new(plan: &'a Plan, data_root: &Path, cache: &Path, device: Device) -> Self {
+    pub fn new(
+        plan: &'a Plan,
+        data_root: &Path,
+        cache: &Path,
+        device: Device,
+        hub: Option<taskrel_models::hub::Download>,
+    ) -> Self {
         for sub in ["models", "features", "source-eval"] {
             // Best effort: a temporary file that cannot be removed now is tried again later.
             let _ = clean_stale_temps(&cache.join(sub));
@@ -281,6 +289,7 @@ impl<'a> Engine<'a> {
             data_root: data_root.to_path_buf(),
             cache: cache.to_path_buf(),
             device,
+            hub,
             datasets: HashMap::new(),
             sources: HashMap::new(),
             stage_seconds: BTreeMap::new(),
@@ -293,6 +302,7 @@ impl<'a> Engine<'a> {
             seed,
             max_len: self.plan.sweep.max_len,
             hub_cache: None,
+            hub_download: self.hub.clone(),
             layers,
             random_init,
         }

@@ -39,6 +39,25 @@ pub struct RunArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// Whether `hf:org/name` models missing from the Hub cache are downloaded.
+#[derive(Debug, Default, clap::Args)]
+pub struct HubArgs {
+    /// Never download: `hf:` models must be in the Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl HubArgs {
+    /// Downloads from `HF_ENDPOINT` (default the Hub), with progress bars unless `quiet`;
+    /// `None` when `--offline` or `HF_HUB_OFFLINE` forbids them.
+    pub fn download(&self, quiet: bool) -> Option<taskrel_models::hub::Download> {
+        (!self.offline && !taskrel_models::hub::offline_from_env())
+            .then(|| taskrel_models::hub::Download::from_env(!quiet))
+    }
 }
 
 /// Training hyper-parameters.
@@ -171,6 +190,7 @@ fn load_model(reference: &str, run: &RunArgs, seed: u64) -> anyhow::Result<Model
         device: taskrel_models::device(&run.device)?,
         seed,
         max_len: run.max_len,
+        hub_download: run.hub.download(run.quiet),
         ..Default::default()
     };
     taskrel_models::load(&reference, &options).with_context(|| format!("loading model {reference}"))

@@ -92,6 +92,8 @@ pub struct RankOptions {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub hub: crate::model_cmd::HubArgs,
 }
 
 /// Verdict thresholds on the task-relatedness bound, derived from `results/digits` (120 digit
@@ -519,7 +521,13 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         labelled,
     };
     let device = taskrel_models::device(&opts.device)?;
-    let mut engine = Engine::new(&plan, &opts.data_root, &opts.cache, device);
+    let mut engine = Engine::new(
+        &plan,
+        &opts.data_root,
+        &opts.cache,
+        device,
+        opts.hub.download(opts.quiet),
+    );
     let bar = ProgressBar::new(plan.cells.len() as u64);
     if opts.quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());

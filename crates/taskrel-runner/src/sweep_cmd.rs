@@ -222,6 +222,8 @@ pub struct RunOptions {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub hub: crate::model_cmd::HubArgs,
 }
 
 /// The fields every invocation records; the caller adds its own.
@@ -343,7 +345,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let started = now_unix();
     let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
     let columns = plan.columns();
-    let mut engine = Engine::new(&plan, &opts.data_root, &cache, device);
+    let mut engine = Engine::new(
+        &plan,
+        &opts.data_root,
+        &cache,
+        device,
+        opts.hub.download(opts.quiet),
+    );
     let bar = ProgressBar::new(selected.len() as u64);
     if opts.quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());

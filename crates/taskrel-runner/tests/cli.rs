@@ -485,3 +485,36 @@ fn broken_model_files_and_impossible_lengths_are_named() {
         assert!(stderr.contains(&message), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn hub_models_are_downloaded_unless_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let embed = |extra_env: &[(&str, &str)], offline: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_taskrel"));
+        c.args(["embed", "--model", "hf:nobody/nothing", "--text", "hi"])
+            .env("HF_HOME", home.path())
+            .env_remove("HF_HUB_OFFLINE")
+            // A port nothing listens on: a download attempt fails at once.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9");
+        if offline {
+            c.arg("--offline");
+        }
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let tried = embed(&[], false);
+    assert!(
+        tried.contains("cannot reach http://127.0.0.1:9/nobody/nothing/resolve/main/config.json"),
+        "{tried}"
+    );
+    for refused in [embed(&[], true), embed(&[("HF_HUB_OFFLINE", "1")], false)] {
+        assert!(
+            refused.contains("not in the Hugging Face cache; downloads are off"),
+            "{refused}"
+        );
+    }
+}
