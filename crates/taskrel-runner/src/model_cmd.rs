@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Serialize;
 use taskrel_data::{Dataset, DatasetName, SplitName};
 use taskrel_models::train::{self, Mode, OptimizerKind, Schedule, TrainConfig};
@@ -60,6 +60,12 @@ impl HubArgs {
     }
 }
 
+/// A command-line value of any enum whose serde derive names its values (snake_case); the
+/// error lists the accepted ones.
+pub fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
+}
+
 /// Training hyper-parameters.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -78,42 +84,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
     /// adamw or sgd.
-    #[arg(long, default_value = "adamw", value_parser = parse_optimizer)]
+    #[arg(long, default_value = "adamw", value_parser = parse_enum::<OptimizerKind>)]
     pub optimizer: OptimizerKind,
     /// constant or cosine.
-    #[arg(long, default_value = "constant", value_parser = parse_schedule)]
+    #[arg(long, default_value = "constant", value_parser = parse_enum::<Schedule>)]
     pub schedule: Schedule,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Train on this many samples per class (seeded, stratified).
     #[arg(long)]
     pub per_class: Option<usize>,
-}
-
-fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
-    match s {
-        "adamw" => Ok(OptimizerKind::Adamw),
-        "sgd" => Ok(OptimizerKind::Sgd),
-        _ => Err(format!("unknown optimizer {s:?}, expected adamw or sgd")),
-    }
-}
-
-fn parse_schedule(s: &str) -> Result<Schedule, String> {
-    match s {
-        "constant" => Ok(Schedule::Constant),
-        "cosine" => Ok(Schedule::Cosine),
-        _ => Err(format!(
-            "unknown schedule {s:?}, expected constant or cosine"
-        )),
-    }
-}
-
-pub fn parse_mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "linear_probe" => Ok(Mode::LinearProbe),
-        "full" => Ok(Mode::Full),
-        _ => Err(format!("unknown mode {s:?}, expected linear_probe or full")),
-    }
 }
 
 impl TrainArgs {
@@ -174,14 +154,6 @@ pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset,
     } else {
         test
     })
-}
-
-fn parse_split(s: &str) -> anyhow::Result<SplitName> {
-    match s {
-        "train" => Ok(SplitName::Train),
-        "test" => Ok(SplitName::Test),
-        _ => bail!("unknown split {s:?}, expected train or test"),
-    }
 }
 
 fn load_model(reference: &str, run: &RunArgs, seed: u64) -> anyhow::Result<Model> {
@@ -302,8 +274,13 @@ struct EvalReport {
 }
 
 /// `taskrel eval`.
-pub fn eval(model_ref: &str, data: &DataArgs, split: &str, run: &RunArgs) -> anyhow::Result<()> {
-    let (set, label) = load_split(data, parse_split(split)?)?;
+pub fn eval(
+    model_ref: &str,
+    data: &DataArgs,
+    split: SplitName,
+    run: &RunArgs,
+) -> anyhow::Result<()> {
+    let (set, label) = load_split(data, split)?;
     let model = load_model(model_ref, run, 0)?;
     let e = train::evaluate(&model, &set, 256, run.quiet)?;
     let report = EvalReport {
@@ -328,13 +305,13 @@ pub fn eval(model_ref: &str, data: &DataArgs, split: &str, run: &RunArgs) -> any
 pub fn features(
     model_ref: &str,
     data: &DataArgs,
-    split: &str,
+    split: SplitName,
     per_class: Option<usize>,
     seed: u64,
     run: &RunArgs,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let (set, label) = load_split(data, parse_split(split)?)?;
+    let (set, label) = load_split(data, split)?;
     let indices: Vec<usize> = match per_class {
         Some(n) => set.sample_per_class(n, seed)?,
         None => (0..set.len()).collect(),
