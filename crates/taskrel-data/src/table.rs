@@ -14,6 +14,9 @@ use std::path::Path;
 
 use crate::{Dataset, Error, Inputs, Result, files};
 
+/// The share of each class held out as the test split by default.
+pub const DEFAULT_TEST_FRACTION: f64 = 0.3;
+
 /// Which columns of a labelled-text CSV hold what, and how to split it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableSpec {
@@ -43,7 +46,7 @@ impl TableSpec {
             text_columns,
             classes: Vec::new(),
             split_column: None,
-            test_fraction: 0.3,
+            test_fraction: DEFAULT_TEST_FRACTION,
             seed: 0,
             skip_empty: false,
         }

@@ -285,12 +285,13 @@ struct TableArgs {
     /// split stratified by class).
     #[arg(long)]
     split_column: Option<String>,
-    /// Share of each class held out for the test split when there is no split column.
-    #[arg(long, default_value_t = 0.3)]
-    test_fraction: f64,
-    /// Seed of that split.
-    #[arg(long, default_value_t = 0)]
-    split_seed: u64,
+    /// Share of each class held out for the test split when there is no split column
+    /// (csv:PATH; default 0.3).
+    #[arg(long)]
+    test_fraction: Option<f64>,
+    /// Seed of that split (csv:PATH; default 0).
+    #[arg(long)]
+    split_seed: Option<u64>,
     /// Drop rows whose text is empty instead of failing (csv:PATH).
     #[arg(long)]
     skip_empty: bool,
@@ -301,15 +302,24 @@ impl TableArgs {
         let (Some(label), Some(texts)) = (&self.label_column, &self.text_columns) else {
             bail!("a csv:PATH dataset needs --label-column and --text-columns");
         };
-        Ok(taskrel_data::table::TableSpec {
-            label_column: label.clone(),
-            text_columns: texts.clone(),
-            classes: self.classes.clone(),
-            split_column: self.split_column.clone(),
-            test_fraction: self.test_fraction,
-            seed: self.split_seed,
-            skip_empty: self.skip_empty,
-        })
+        let mut spec = taskrel_data::table::TableSpec::new(label.clone(), texts.clone());
+        spec.classes.clone_from(&self.classes);
+        spec.split_column.clone_from(&self.split_column);
+        spec.test_fraction = self.test_fraction.unwrap_or(spec.test_fraction);
+        spec.seed = self.split_seed.unwrap_or(spec.seed);
+        spec.skip_empty = self.skip_empty;
+        Ok(spec)
+    }
+
+    /// Whether any option of a csv:PATH dataset was given.
+    fn any_given(&self) -> bool {
+        self.label_column.is_some()
+            || self.text_columns.is_some()
+            || !self.classes.is_empty()
+            || self.split_column.is_some()
+            || self.test_fraction.is_some()
+            || self.split_seed.is_some()
+            || self.skip_empty
     }
 }
 
@@ -328,8 +338,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_cmd::run_table(Path::new(path), &table.spec()?, json)
             }
             None => {
-                if table.label_column.is_some() || table.text_columns.is_some() {
-                    bail!("--label-column and --text-columns apply to csv:PATH datasets only");
+                if table.any_given() {
+                    bail!(
+                        "--label-column, --text-columns, --classes, --split-column, --test-fraction, \
+                         --split-seed and --skip-empty apply to csv:PATH datasets only"
+                    );
                 }
                 let name: taskrel_data::DatasetName = name.parse()?;
                 let root = root.unwrap_or_else(|| PathBuf::from("data").join(name.as_str()));

@@ -117,7 +117,7 @@ pub struct CsvDef {
 }
 
 fn default_test_fraction() -> f64 {
-    0.3
+    taskrel_data::table::DEFAULT_TEST_FRACTION
 }
 
 /// A dataset a plan names: one of the built-in datasets, or a CSV its file defines.
