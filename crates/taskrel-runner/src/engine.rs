@@ -342,7 +342,9 @@ impl<'a> Engine<'a> {
 
     /// The source model of `source` for `seed`: trained (or fine-tuned) and cached when it has
     /// `train_on`, else the given weights.
-    fn source(&mut self, source: &Source, seed: u64) -> anyhow::Result<ReadySource> {
+    fn source(&mut self, source: &Source, cell_seed: u64) -> anyhow::Result<ReadySource> {
+        // A fixed source is the same model for every cell.
+        let seed = source.pretrain.seed.unwrap_or(cell_seed);
         if let Some(ready) = self.sources.get(&(source.name.clone(), seed)) {
             return Ok(ready.clone());
         }
@@ -372,8 +374,7 @@ impl<'a> Engine<'a> {
                 ready
             }
             Some(train_on) => {
-                let mut cfg: TrainConfig = self.plan.sweep.pretrain.clone();
-                cfg.seed = seed;
+                let cfg: TrainConfig = source.pretrain.config(&self.plan.sweep.pretrain, seed);
                 let key = sha256_hex(
                     serde_json::to_string(&json!({
                         "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.to_string(),

@@ -80,6 +80,36 @@ pub struct ModelDef {
     /// BERT models: weights drawn from the seed (the untrained model of the same shape).
     #[serde(default)]
     pub random_init: bool,
+    /// Models with `train_on`: this model's own training budget, over the sweep's `pretrain`.
+    #[serde(default)]
+    pub pretrain: SourceBudget,
+}
+
+/// A source's own training budget: each field given replaces the sweep's `pretrain` value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBudget {
+    /// Passes over the training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// Samples per class drawn from the training split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<usize>,
+    /// Train once with this seed, shared by every seed of the grid (a fixed source); absent:
+    /// the source is trained once per grid seed with that seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl SourceBudget {
+    /// The training settings for a cell of seed `cell_seed`, over the sweep's `base`.
+    pub fn config(&self, base: &TrainConfig, cell_seed: u64) -> TrainConfig {
+        let mut cfg = base.clone();
+        cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
+        cfg.per_class = self.per_class.or(cfg.per_class);
+        cfg.seed = self.seed.unwrap_or(cell_seed);
+        cfg
+    }
 }
 
 /// A target task.
@@ -432,6 +462,8 @@ pub struct Source {
     pub reference: Option<DataRef>,
     pub layers: Option<usize>,
     pub random_init: bool,
+    /// Overrides of the sweep's `pretrain` (models with `train_on` only).
+    pub pretrain: SourceBudget,
 }
 
 /// A target task.
@@ -941,6 +973,21 @@ impl Sweep {
                     "lenet200 is trained from scratch: give `train_on: <dataset>`",
                 ));
             }
+            if train_on.is_none() && def.pretrain != SourceBudget::default() {
+                return Err(at(
+                    path,
+                    &def.from,
+                    &format!("models.{key}.pretrain"),
+                    "a training budget applies to models with `train_on` only",
+                ));
+            }
+            if def.pretrain.epochs == Some(0) || def.pretrain.per_class == Some(0) {
+                return Err(self.error_at(
+                    path,
+                    &["models", key.as_str(), "pretrain"],
+                    "expected positive `epochs` and `per_class`",
+                ));
+            }
             for (what, d, spanned) in [
                 ("train_on", &train_on, &def.train_on),
                 ("reference", &reference, &def.reference),
@@ -971,6 +1018,7 @@ impl Sweep {
                     reference,
                     layers: def.layers,
                     random_init: def.random_init,
+                    pretrain: def.pretrain.clone(),
                 },
             );
         }

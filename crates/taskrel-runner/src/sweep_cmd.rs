@@ -90,7 +90,8 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         }
     }
     for source in plan.sources.values() {
-        let (Some(train_on), Some(asked)) = (&source.train_on, sweep.pretrain.per_class) else {
+        let asked = source.pretrain.per_class.or(sweep.pretrain.per_class);
+        let (Some(train_on), Some(asked)) = (&source.train_on, asked) else {
             continue;
         };
         if !cells_use(&|c| c.model == source.name) {
@@ -99,9 +100,13 @@ fn check_sample_sizes(plan: &Plan, path: &Path, data_root: &Path) -> anyhow::Res
         let split = train(train_on)?;
         let (class, n) = smallest(&split);
         if asked > n {
+            let keys: &[&str] = match source.pretrain.per_class {
+                Some(_) => &["models", &source.name, "pretrain", "per_class"],
+                None => &["pretrain", "per_class"],
+            };
             return Err(sweep.error_at(
                 path,
-                &["pretrain", "per_class"],
+                keys,
                 format!(
                     "model {} trains on {train_on}, which has {n} training samples of class {class} ({}), {asked} asked",
                     source.name,
@@ -171,7 +176,14 @@ pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()>
         for (i, c) in plan.cells.iter().enumerate() {
             let source = &plan.sources[&c.model];
             let how = match &source.train_on {
-                Some(d) => format!("{} trained on {d}", source.from),
+                Some(d) => {
+                    let cfg = source.pretrain.config(&plan.sweep.pretrain, c.seed);
+                    let fixed = if source.pretrain.seed.is_some() { ", fixed" } else { "" };
+                    format!(
+                        "{} trained on {d}, {} epochs, seed {}{fixed}",
+                        source.from, cfg.epochs, cfg.seed
+                    )
+                }
                 None => source.from.clone(),
             };
             let _ = writeln!(

@@ -464,6 +464,30 @@ fn malformed_sweeps_fail_before_writing_anything() {
             "model m trains on mnist, which has 5421 training samples of class 5 (5), 9000 asked",
             ":9:12:",
         ),
+        // A model's own budget: checked as the sweep's, placed at the model.
+        (
+            GOOD.replace("train_on: mnist}", "train_on: mnist, pretrain: {per_class: 9000}}"),
+            "model m trains on mnist, which has 5421 training samples of class 5 (5), 9000 asked",
+            ":3:",
+        ),
+        (
+            GOOD.replace("train_on: mnist}", "train_on: mnist, pretrain: {lr: 0.1}}"),
+            "unknown field `lr`, expected one of epochs, per_class, seed",
+            ":3:",
+        ),
+        (
+            GOOD.replace("train_on: mnist}", "train_on: mnist, pretrain: {epochs: 0}}"),
+            "models.m.pretrain: expected positive `epochs` and `per_class`",
+            ":3:",
+        ),
+        (
+            GOOD.replace(
+                "{from: lenet200, train_on: mnist}",
+                "{from: models/ccexam/mnist.pth, reference: mnist, pretrain: {seed: 1}}",
+            ),
+            "models.m.pretrain: a training budget applies to models with `train_on` only",
+            ":3:",
+        ),
     ];
     for (text, message, place) in cases {
         let path = write_sweep(tmp.path(), &text);
@@ -708,4 +732,69 @@ max_len: 24
             "{err:?} lacks {place:?} / {message:?}"
         );
     }
+}
+
+/// A source with its own seed is trained once and shared by every seed of the grid; one
+/// without is trained per seed.
+#[test]
+fn a_fixed_source_is_trained_once_for_all_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results");
+    let cache = tmp.path().join("cache");
+    let path = tmp.path().join("fixed.yaml");
+    std::fs::write(
+        &path,
+        "name: fixed
+models:
+  fixed: {from: lenet200, train_on: usps, pretrain: {seed: 7, epochs: 2}}
+  per_seed: {from: lenet200, train_on: usps}
+targets:
+  t: {dataset: mnist, classes: [0, 1, 2]}
+grid:
+  model: [fixed, per_seed]
+  target: [t]
+  seed: [0, 1]
+pretrain: {epochs: 1, batch_size: 64, per_class: 30}
+finetune: {epochs: 1, per_class: 10}
+measure: {modes: [linear_probe], test_per_class: 10}
+score: {scores: [knn], reference_per_class: 10, target_per_class: 10}
+",
+    )
+    .unwrap();
+    let plan = ok(&["plan", path.to_str().unwrap()]);
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    for seed in [0, 1] {
+        assert!(
+            plan.contains(&format!("(lenet200 trained on usps, 2 epochs, seed 7, fixed), target t, seed {seed}")),
+            "{plan}"
+        );
+        assert!(
+            plan.contains(&format!("(lenet200 trained on usps, 1 epochs, seed {seed}), target t, seed {seed}")),
+            "{plan}"
+        );
+    }
+    ok(&[
+        "run",
+        path.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--quiet",
+    ]);
+    // Three trained models: the fixed one and one per seed for the other.
+    let trained = std::fs::read_dir(cache.join("models")).unwrap().count();
+    assert_eq!(trained, 3);
+    let mut r = csv::Reader::from_path(results.join("fixed/cells.csv")).unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    let (model, acc) = (col("model"), col("source_test_accuracy"));
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let acc_of = |m: &str| -> Vec<String> {
+        rows.iter().filter(|r| &r[model] == m).map(|r| r[acc].to_string()).collect()
+    };
+    let (fixed, per_seed) = (acc_of("fixed"), acc_of("per_seed"));
+    assert_eq!(fixed.len(), 2);
+    assert_eq!(fixed[0], fixed[1], "a fixed source differs between seeds");
+    assert_ne!(per_seed[0], per_seed[1], "per-seed sources are the same model");
 }
