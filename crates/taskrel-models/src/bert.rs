@@ -1,8 +1,16 @@
-//! A BERT encoder on candle-nn that trains end to end.
+//! BERT-family encoders on candle-nn that train end to end: BERT and MPNet.
 //!
-//! The layers follow Hugging Face's `BertModel` (absolute positions, post-layer-norm blocks) and
-//! read its tensor names, so `model.safetensors` files load as they are. Two things differ from
-//! candle-transformers' BERT, which this replaces:
+//! The layers follow Hugging Face's `BertModel` and `MPNetModel` (post-layer-norm blocks) and
+//! read their tensor names, so `model.safetensors` files load as they are. `config.json`'s
+//! `model_type` picks the family (`bert` when absent):
+//! - `bert`: absolute positions `0..len`, token-type embeddings (all type 0);
+//! - `mpnet`: no token types; RoBERTa-style positions (`2 + i` for the i-th token, 1 on
+//!   padding: transformers' `MPNetEmbeddings` fixes the padding index at 1, whatever the
+//!   config's `pad_token_id`); every block adds a learned relative-position bias, one
+//!   value per head for each of `relative_attention_num_buckets` buckets of key position minus
+//!   query position (exact up to 8 apart, then logarithmic up to 128), to the attention scores.
+//!
+//! Two things differ from candle-transformers' BERT, which this replaces:
 //! - in training mode, layer norm and softmax have a backward pass (kernels of
 //!   [`crate::kernels`] on the CPU, tensor ops elsewhere); candle's fused kernels
 //!   (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record none, so with them the gradient
@@ -57,6 +65,22 @@ pub struct BertConfig {
     /// Only `absolute` is supported.
     #[serde(default = "default_positions_kind")]
     pub position_embedding_type: String,
+    /// `bert` or `mpnet`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// MPNet: buckets of the relative-position bias.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+}
+
+/// MPNet's position of padding; tokens take the positions after it.
+const MPNET_PADDING_INDEX: u32 = 1;
+
+/// The encoder families [`Bert`] implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Mpnet,
 }
 
 fn default_act() -> String {
@@ -76,6 +100,12 @@ fn default_eps() -> f64 {
 }
 fn default_positions_kind() -> String {
     "absolute".into()
+}
+fn default_model_type() -> String {
+    "bert".into()
+}
+fn default_buckets() -> usize {
+    32
 }
 
 impl BertConfig {
@@ -124,8 +154,67 @@ impl BertConfig {
             }
         }
         Activation::parse(&config.hidden_act).map_err(|m| Error::file(source, m))?;
+        let family = config.family().map_err(|m| Error::file(source, m))?;
+        if family == Family::Mpnet {
+            if config.relative_attention_num_buckets < 4 {
+                return bad(format!(
+                    "relative_attention_num_buckets must be at least 4, got {}",
+                    config.relative_attention_num_buckets
+                ));
+            }
+            if config.max_positions() == 0 {
+                return bad(format!(
+                    "max_position_embeddings {} leaves no position after MPNet's padding index {MPNET_PADDING_INDEX}",
+                    config.max_position_embeddings
+                ));
+            }
+        }
         Ok(config)
     }
+
+    /// The family `model_type` names.
+    pub fn family(&self) -> std::result::Result<Family, String> {
+        match self.model_type.as_str() {
+            "bert" => Ok(Family::Bert),
+            "mpnet" => Ok(Family::Mpnet),
+            other => Err(format!(
+                "model_type {other:?} is not supported (expected \"bert\" or \"mpnet\")"
+            )),
+        }
+    }
+
+    /// The longest sequence the position table covers (MPNet's positions start after its
+    /// padding index).
+    pub fn max_positions(&self) -> usize {
+        match self.family() {
+            Ok(Family::Mpnet) => self
+                .max_position_embeddings
+                .saturating_sub(MPNET_PADDING_INDEX as usize + 1),
+            _ => self.max_position_embeddings,
+        }
+    }
+}
+
+/// MPNet's bucket of a relative position (key minus query), as `MPNetEncoder.
+/// relative_position_bucket` computes it: half the buckets for keys after the query; within a
+/// half, distances below a quarter of the buckets are exact, longer ones share logarithmic
+/// buckets up to `max_distance`, beyond which all share the last. The logarithm is taken in f32,
+/// as PyTorch does, so that the boundaries fall where they fall there.
+pub fn relative_bucket(relative: i64, buckets: usize, max_distance: usize) -> u32 {
+    let half = (buckets / 2) as i64;
+    let exact = half / 2;
+    let n = -relative;
+    let base = if n < 0 { half } else { 0 };
+    let n = n.abs();
+    let within = if n < exact {
+        n
+    } else {
+        let scaled = (n as f32 / exact as f32).ln()
+            / ((max_distance as f64 / exact as f64).ln() as f32)
+            * (half - exact) as f32;
+        (exact + scaled as i64).min(half - 1)
+    };
+    (base + within) as u32
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -254,7 +343,8 @@ fn softmax_last(x: &Tensor, train: bool) -> Result<Tensor> {
 struct Embeddings {
     words: Embedding,
     positions: Embedding,
-    types: Embedding,
+    /// BERT only.
+    types: Option<Embedding>,
     norm: LayerNorm,
 }
 
@@ -273,8 +363,11 @@ struct Block {
 /// The BERT encoder: embeddings and transformer blocks, without the pooler.
 #[derive(Clone, Debug)]
 pub struct Bert {
+    family: Family,
     embeddings: Embeddings,
     blocks: Vec<Block>,
+    /// MPNet: the relative-position bias table `(buckets, heads)`, shared by every block.
+    relative_bias: Option<Embedding>,
     heads: usize,
     act: Activation,
     hidden_dropout: f32,
@@ -283,8 +376,9 @@ pub struct Bert {
 
 impl Bert {
     /// Creates the variables through `vb` with Hugging Face's names (`embeddings.*`,
-    /// `encoder.layer.{i}.*`).
+    /// `encoder.layer.{i}.*`, and MPNet's `encoder.relative_attention_bias`).
     pub fn new(config: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let family = config.family().map_err(Error::Invalid)?;
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let e = vb.pp("embeddings");
@@ -295,28 +389,56 @@ impl Bert {
                 h,
                 e.pp("position_embeddings"),
             )?,
-            types: candle_nn::embedding(config.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            types: match family {
+                Family::Bert => Some(candle_nn::embedding(
+                    config.type_vocab_size,
+                    h,
+                    e.pp("token_type_embeddings"),
+                )?),
+                Family::Mpnet => None,
+            },
             norm: LayerNorm::new(h, eps, e.pp("LayerNorm"))?,
+        };
+        // Where each family keeps a block's attention weights.
+        let (q, k, v, o, attn_norm) = match family {
+            Family::Bert => (
+                "self.query",
+                "self.key",
+                "self.value",
+                "output.dense",
+                "output.LayerNorm",
+            ),
+            Family::Mpnet => ("attn.q", "attn.k", "attn.v", "attn.o", "LayerNorm"),
         };
         let blocks = (0..config.num_hidden_layers)
             .map(|i| {
                 let b = vb.pp(format!("encoder.layer.{i}"));
                 let a = b.pp("attention");
                 Ok(Block {
-                    query: candle_nn::linear(h, h, a.pp("self.query"))?,
-                    key: candle_nn::linear(h, h, a.pp("self.key"))?,
-                    value: candle_nn::linear(h, h, a.pp("self.value"))?,
-                    attn_out: candle_nn::linear(h, h, a.pp("output.dense"))?,
-                    attn_norm: LayerNorm::new(h, eps, a.pp("output.LayerNorm"))?,
+                    query: candle_nn::linear(h, h, a.pp(q))?,
+                    key: candle_nn::linear(h, h, a.pp(k))?,
+                    value: candle_nn::linear(h, h, a.pp(v))?,
+                    attn_out: candle_nn::linear(h, h, a.pp(o))?,
+                    attn_norm: LayerNorm::new(h, eps, a.pp(attn_norm))?,
                     up: candle_nn::linear(h, config.intermediate_size, b.pp("intermediate.dense"))?,
                     down: candle_nn::linear(config.intermediate_size, h, b.pp("output.dense"))?,
                     out_norm: LayerNorm::new(h, eps, b.pp("output.LayerNorm"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let relative_bias = match family {
+            Family::Bert => None,
+            Family::Mpnet => Some(candle_nn::embedding(
+                config.relative_attention_num_buckets,
+                config.num_attention_heads,
+                vb.pp("encoder.relative_attention_bias"),
+            )?),
+        };
         Ok(Self {
+            family,
             embeddings,
             blocks,
+            relative_bias,
             heads: config.num_attention_heads,
             act: Activation::parse(&config.hidden_act).map_err(Error::Invalid)?,
             hidden_dropout: config.hidden_dropout_prob,
@@ -324,8 +446,50 @@ impl Bert {
         })
     }
 
+    /// Token plus position (plus BERT's token-type) embeddings, `(n, len, hidden)`.
+    fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        let words = self.embeddings.words.forward(ids)?;
+        match self.family {
+            Family::Bert => {
+                let positions = Tensor::arange(0u32, len as u32, ids.device())?;
+                let x = words.broadcast_add(&self.embeddings.positions.forward(&positions)?)?;
+                Ok(match &self.embeddings.types {
+                    Some(types) => x.broadcast_add(&types.forward(&positions.zeros_like()?)?)?,
+                    None => x,
+                })
+            }
+            Family::Mpnet => {
+                // 1 + (tokens up to and including this one) on tokens, 1 on padding:
+                // `create_position_ids_from_input_ids` with the mask as its test.
+                let mask = mask.to_dtype(DType::F32)?;
+                let positions = ((mask.cumsum(1)? * &mask)? + f64::from(MPNET_PADDING_INDEX))?
+                    .to_dtype(DType::U32)?;
+                Ok((words + self.embeddings.positions.forward(&positions)?)?)
+            }
+        }
+    }
+
+    /// MPNet's relative-position bias `(1, heads, len, len)` for sequences of `len`.
+    fn position_bias(
+        &self,
+        table: &Embedding,
+        len: usize,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let buckets = table.embeddings().dim(0)?;
+        let index: Vec<u32> = (0..len)
+            .flat_map(|query| {
+                (0..len).map(move |key| relative_bucket(key as i64 - query as i64, buckets, 128))
+            })
+            .collect();
+        let index = Tensor::from_vec(index, (len, len), device)?;
+        Ok(table.forward(&index)?.permute((2, 0, 1))?.unsqueeze(0)?)
+    }
+
     /// Last hidden states `(n, len, hidden)` of token ids `(n, len)` with attention mask
-    /// `(n, len)` (1 for tokens, 0 for padding); token types are all 0. `train` carries the
+    /// `(n, len)` (1 for tokens, 0 for padding, which comes after the tokens); BERT's token
+    /// types are all 0. `train` carries the
     /// dropout generator and selects the differentiable kernels.
     pub fn forward(
         &self,
@@ -335,13 +499,14 @@ impl Bert {
     ) -> Result<Tensor> {
         let training = train.is_some();
         let (n, len) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, len as u32, ids.device())?;
-        let x = self
-            .embeddings
-            .words
-            .forward(ids)?
-            .broadcast_add(&self.embeddings.positions.forward(&positions)?)?
-            .broadcast_add(&self.embeddings.types.forward(&positions.zeros_like()?)?)?;
+        let x = self.embed(ids, mask)?;
+        let position_bias = match &self.relative_bias {
+            Some(table) => Some(
+                self.position_bias(table, len, ids.device())?
+                    .to_dtype(x.dtype())?,
+            ),
+            None => None,
+        };
         // Hidden states stay 2-d, `(n * len, hidden)`, outside attention: a linear layer on a
         // 3-d input would broadcast its weight over the batch, and its backward pass would then
         // materialise one weight gradient per sequence before summing them.
@@ -367,7 +532,10 @@ impl Bert {
             let q = split((linear(&block.query, &x, training)? * scale)?)?;
             let k = split(linear(&block.key, &x, training)?)?;
             let v = split(linear(&block.value, &x, training)?)?;
-            let scores = q.matmul(&k.t()?)?;
+            let mut scores = q.matmul(&k.t()?)?;
+            if let Some(position_bias) = &position_bias {
+                scores = scores.broadcast_add(position_bias)?;
+            }
             let probs = if training && on_cpu_f32(&scores) {
                 // One kernel for bias, softmax and dropout (same draws, same values).
                 let mask = match train.as_deref_mut() {
@@ -404,5 +572,76 @@ impl Bert {
             x = block.out_norm.forward(&(down + &attn)?, training)?;
         }
         Ok(x.reshape((n, len, hidden))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_buckets_change_where_transformers_changes_them() {
+        // transformers 4.36.2 / torch 1.13:
+        //   rel = torch.arange(-300, 301)
+        //   b = MPNetEncoder.relative_position_bucket(rel, num_buckets=32, max_distance=128)
+        // listing each relative position where the bucket changes, with the new bucket:
+        let changes: [(i64, u32); 31] = [
+            (-300, 15),
+            (-90, 14),
+            (-63, 13),
+            (-45, 12),
+            (-31, 11),
+            (-22, 10),
+            (-15, 9),
+            (-11, 8),
+            (-7, 7),
+            (-6, 6),
+            (-5, 5),
+            (-4, 4),
+            (-3, 3),
+            (-2, 2),
+            (-1, 1),
+            (0, 0),
+            (1, 17),
+            (2, 18),
+            (3, 19),
+            (4, 20),
+            (5, 21),
+            (6, 22),
+            (7, 23),
+            (8, 24),
+            (12, 25),
+            (16, 26),
+            (23, 27),
+            (32, 28),
+            (46, 29),
+            (64, 30),
+            (91, 31),
+        ];
+        let mut expected = Vec::new();
+        for (k, &(from, bucket)) in changes.iter().enumerate() {
+            let to = changes.get(k + 1).map_or(301, |c| c.0);
+            expected.extend((from..to).map(|_| bucket));
+        }
+        let got: Vec<u32> = (-300..301).map(|r| relative_bucket(r, 32, 128)).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn unknown_model_types_are_refused() {
+        let config = serde_json::json!({
+            "model_type": "roberta", "vocab_size": 10, "hidden_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16
+        });
+        let err = BertConfig::from_json(&config, std::path::Path::new("config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains(
+                "model_type \"roberta\" is not supported (expected \"bert\" or \"mpnet\")"
+            ),
+            "{err}"
+        );
     }
 }

@@ -310,7 +310,11 @@ fn load_text(files: &TextFiles, origin: &str, options: &LoadOptions) -> Result<M
     let tensors = candle_core::safetensors::load(&files.weights, &Device::Cpu)
         .map_err(|e| Error::file(&files.weights, format!("not a safetensors file ({e})")))?;
     model.assign(&files.weights, tensors.into_iter().collect(), |name| {
-        Some(name.strip_prefix("bert.").unwrap_or(name).to_string())
+        let name = ["bert.", "mpnet."]
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix))
+            .unwrap_or(name);
+        Some(name.to_string())
     })?;
     Ok(model)
 }

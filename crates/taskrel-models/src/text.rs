@@ -147,10 +147,11 @@ impl BertEncoder {
                 ),
             ));
         }
-        if input.max_len == 0 || input.max_len > config.max_position_embeddings {
+        if input.max_len == 0 || input.max_len > config.max_positions() {
             return Err(Error::Invalid(format!(
-                "max_len {} is outside 1..={}, the model's max_position_embeddings",
-                input.max_len, config.max_position_embeddings
+                "max_len {} is outside 1..={}, the positions the model's max_position_embeddings covers",
+                input.max_len,
+                config.max_positions()
             )));
         }
         let (pad_id, pad_token) = tokenizer

@@ -99,6 +99,32 @@ fn minilm_matches_sentence_transformers() {
     assert!((norm - 1.0).abs() < 1e-5);
 }
 
+#[test]
+fn mpnet_matches_sentence_transformers() {
+    // sentence-transformers 2.3.1, transformers 4.36.2, torch 1.13 (CPU):
+    // SentenceTransformer("all-mpnet-base-v2").encode(s)[:5], for s below
+    let m = model(&weights("all-mpnet-base-v2"), 0);
+    assert_eq!(m.spec.feature_dim, 768);
+    for (text, want) in [
+        (
+            "This is an example sentence",
+            [0.0225, -0.0783, -0.023, -0.0051, -0.0803],
+        ),
+        (
+            "Stocks fell sharply on Monday.",
+            [-0.0454, -0.0482, -0.0162, 0.0339, -0.0113],
+        ),
+    ] {
+        let v = embed(&m, text);
+        assert_eq!(v.len(), 768);
+        for (got, want) in v.iter().zip(want) {
+            assert!((got - want).abs() < 1e-3, "{text}: {got} vs {want}");
+        }
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+}
+
 fn embed(m: &taskrel_models::Model, text: &str) -> Vec<f32> {
     let data = Dataset {
         inputs: Inputs::Texts(vec![text.into()]),
@@ -398,6 +424,7 @@ const GRAD_TEXTS: [&str; 3] = [
 #[test]
 fn bert_gradients_reach_every_weight_and_match_pytorch() {
     let bert = tiny_bert(0.0, 16);
+    save_for_reference(&bert, "bert");
     let data = Dataset {
         inputs: Inputs::Texts(GRAD_TEXTS.iter().map(|s| s.to_string()).collect()),
         labels: vec![0; GRAD_TEXTS.len()],
@@ -425,7 +452,8 @@ fn bert_gradients_reach_every_weight_and_match_pytorch() {
     let loss = ((&trained * &w).unwrap().sum_all().unwrap()
         + trained.sqr().unwrap().sum_all().unwrap())
     .unwrap();
-    // Reference: PyTorch 2 / transformers BertModel(add_pooling_layer=False) in train mode,
+    // Reference (scripts/bench/tiny_encoders_reference.py, which torch 1.13 / transformers 4.36
+    // reproduces): PyTorch 2 / transformers BertModel(add_pooling_layer=False) in train mode,
     // holding this model's weights (saved with `bert.save(dir)`), the same tokenizer.json,
     // padding="longest", truncation at 16, token types 0, masked mean pooling, then:
     //   w = torch.tensor([((k * 7 % 11) - 5.0) / 5.0 for k in range(n * d)]).reshape(n, d)
@@ -443,6 +471,113 @@ fn bert_gradients_reach_every_weight_and_match_pytorch() {
     let loss = loss.to_scalar::<f32>().unwrap();
     assert!((loss - 64.795975).abs() < 1e-4, "loss {loss}");
     let (encoder, _) = bert.vars().unwrap();
+    assert_eq!(encoder.len(), torch_norms.len());
+    for (i, (var, want)) in encoder.iter().zip(torch_norms).enumerate() {
+        let got = grads
+            .get(var)
+            .map(|g| g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap())
+            .map(|g| f64::from(g.to_scalar::<f32>().unwrap()))
+            .unwrap_or(f64::NAN);
+        // The key biases cancel in the softmax: their gradient is 0 up to rounding.
+        let tolerance = 1e-4 * want.max(1.0);
+        assert!(
+            (got - want).abs() < tolerance,
+            "gradient norm of encoder variable {i}: {got}, PyTorch {want}"
+        );
+    }
+}
+
+/// With `TASKREL_SAVE_TINY_MODELS=DIR`, saves a tiny test model to `DIR/<name>`, where
+/// `scripts/bench/tiny_encoders_reference.py` reads it to recompute the PyTorch numbers.
+fn save_for_reference(model: &taskrel_models::Model, name: &str) {
+    if let Some(dir) = std::env::var_os("TASKREL_SAVE_TINY_MODELS") {
+        model.save(&Path::new(&dir).join(name)).unwrap();
+    }
+}
+
+fn tiny_mpnet(p: f32, max_len: usize) -> taskrel_models::Model {
+    let config = serde_json::json!({
+        "model_type": "mpnet", "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 128, "hidden_act": "gelu",
+        "hidden_dropout_prob": p, "attention_probs_dropout_prob": p,
+        "max_position_embeddings": 64, "layer_norm_eps": 1e-5, "pad_token_id": 1,
+        "relative_attention_num_buckets": 32
+    });
+    let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
+    let input = TextInput {
+        max_len,
+        pooling: "mean".into(),
+        normalize: false,
+    };
+    let options = LoadOptions {
+        seed: 6,
+        ..Default::default()
+    };
+    taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap()
+}
+
+/// Texts of 6 to 32 tokens: relative positions up to 31 apart reach the logarithmic buckets.
+const MPNET_TEXTS: [&str; 3] = [
+    "The quick brown fox jumps over the lazy dog near the river bank today, while the farmer \
+     watches from the old wooden fence and counts his sheep twice before sunset.",
+    "Stocks fell sharply on Monday.",
+    "Scientists discover a new frog",
+];
+
+#[test]
+fn mpnet_gradients_reach_every_weight_and_match_pytorch() {
+    let mpnet = tiny_mpnet(0.0, 32);
+    save_for_reference(&mpnet, "mpnet");
+    let data = Dataset {
+        inputs: Inputs::Texts(MPNET_TEXTS.iter().map(|s| s.to_string()).collect()),
+        labels: vec![0; MPNET_TEXTS.len()],
+        classes: vec!["any".into()],
+    };
+    let idx = [0, 1, 2];
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let trained = mpnet.features(&data, &idx, Some(&mut rng)).unwrap();
+    let evaluated = mpnet.features(&data, &idx, None).unwrap();
+    let gap = (&trained - &evaluated)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap < 1e-5, "train/eval features differ by {gap}");
+    let (n, d) = trained.dims2().unwrap();
+    let w: Vec<f32> = (0..n * d)
+        .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
+    let w = candle_core::Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
+    let loss = ((&trained * &w).unwrap().sum_all().unwrap()
+        + trained.sqr().unwrap().sum_all().unwrap())
+    .unwrap();
+    // Reference (scripts/bench/tiny_encoders_reference.py): torch 1.13 / transformers 4.36.2, MPNetModel(MPNetConfig(**spec["bert"]),
+    // add_pooling_layer=False) in train mode holding this model's weights (saved with
+    // `mpnet.save(dir)`), the same tokenizer.json through PreTrainedTokenizerFast,
+    // padding="longest", truncation at 32 (lengths 32, 8, 7), masked mean pooling, then:
+    //   w = torch.tensor([((k * 7 % 11) - 5.0) / 5.0 for k in range(n * d)]).reshape(n, d)
+    //   loss = (f * w).sum() + (f ** 2).sum(); loss.backward()
+    //   [p.grad.norm() for _, p in sorted(model.named_parameters())]
+    // which printed loss 16.949987411499023, features f[0, :4] = [0.041309, 0.117913, 0.112100,
+    // -0.333639] and the norms below (the last is the relative-position bias table).
+    let torch_norms: [f64; 37] = [
+        11.254493, 5.085752, 145.844437, 143.024246, 11.138793, 5.064061, 0.0, 0.035288, 11.202966,
+        5.647675, 0.013185, 0.038154, 1.908651, 5.144413, 1.314175, 3.909352, 11.148236, 5.072147,
+        11.152726, 4.047976, 11.117023, 5.057258, 0.0, 0.045959, 11.118593, 5.290832, 0.016572,
+        0.047515, 1.857492, 5.428497, 1.34638, 3.737883, 12.413056, 7.110754, 11.091236, 3.586848,
+        0.046794,
+    ];
+    let features = trained.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (got, want) in features.iter().zip([0.041309, 0.117913, 0.1121, -0.333639]) {
+        assert!((got - want).abs() < 1e-5, "feature {got}, PyTorch {want}");
+    }
+    let grads = loss.backward().unwrap();
+    let loss = loss.to_scalar::<f32>().unwrap();
+    assert!((loss - 16.949987).abs() < 1e-4, "loss {loss}");
+    let (encoder, _) = mpnet.vars().unwrap();
     assert_eq!(encoder.len(), torch_norms.len());
     for (i, (var, want)) in encoder.iter().zip(torch_norms).enumerate() {
         let got = grads

@@ -178,7 +178,11 @@ pub fn plan(path: &Path, data_root: &Path, json_out: bool) -> anyhow::Result<()>
             let how = match &source.train_on {
                 Some(d) => {
                     let cfg = source.pretrain.config(&plan.sweep.pretrain, c.seed);
-                    let fixed = if source.pretrain.seed.is_some() { ", fixed" } else { "" };
+                    let fixed = if source.pretrain.seed.is_some() {
+                        ", fixed"
+                    } else {
+                        ""
+                    };
                     format!(
                         "{} trained on {d}, {} epochs, seed {}{fixed}",
                         source.from, cfg.epochs, cfg.seed

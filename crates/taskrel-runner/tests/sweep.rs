@@ -466,7 +466,10 @@ fn malformed_sweeps_fail_before_writing_anything() {
         ),
         // A model's own budget: checked as the sweep's, placed at the model.
         (
-            GOOD.replace("train_on: mnist}", "train_on: mnist, pretrain: {per_class: 9000}}"),
+            GOOD.replace(
+                "train_on: mnist}",
+                "train_on: mnist, pretrain: {per_class: 9000}}",
+            ),
             "model m trains on mnist, which has 5421 training samples of class 5 (5), 9000 asked",
             ":3:",
         ),
@@ -476,7 +479,10 @@ fn malformed_sweeps_fail_before_writing_anything() {
             ":3:",
         ),
         (
-            GOOD.replace("train_on: mnist}", "train_on: mnist, pretrain: {epochs: 0}}"),
+            GOOD.replace(
+                "train_on: mnist}",
+                "train_on: mnist, pretrain: {epochs: 0}}",
+            ),
             "models.m.pretrain: expected positive `epochs` and `per_class`",
             ":3:",
         ),
@@ -765,11 +771,15 @@ score: {scores: [knn], reference_per_class: 10, target_per_class: 10}
     let plan = String::from_utf8_lossy(&plan.stdout);
     for seed in [0, 1] {
         assert!(
-            plan.contains(&format!("(lenet200 trained on usps, 2 epochs, seed 7, fixed), target t, seed {seed}")),
+            plan.contains(&format!(
+                "(lenet200 trained on usps, 2 epochs, seed 7, fixed), target t, seed {seed}"
+            )),
             "{plan}"
         );
         assert!(
-            plan.contains(&format!("(lenet200 trained on usps, 1 epochs, seed {seed}), target t, seed {seed}")),
+            plan.contains(&format!(
+                "(lenet200 trained on usps, 1 epochs, seed {seed}), target t, seed {seed}"
+            )),
             "{plan}"
         );
     }
@@ -791,10 +801,16 @@ score: {scores: [knn], reference_per_class: 10, target_per_class: 10}
     let (model, acc) = (col("model"), col("source_test_accuracy"));
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
     let acc_of = |m: &str| -> Vec<String> {
-        rows.iter().filter(|r| &r[model] == m).map(|r| r[acc].to_string()).collect()
+        rows.iter()
+            .filter(|r| &r[model] == m)
+            .map(|r| r[acc].to_string())
+            .collect()
     };
     let (fixed, per_seed) = (acc_of("fixed"), acc_of("per_seed"));
     assert_eq!(fixed.len(), 2);
     assert_eq!(fixed[0], fixed[1], "a fixed source differs between seeds");
-    assert_ne!(per_seed[0], per_seed[1], "per-seed sources are the same model");
+    assert_ne!(
+        per_seed[0], per_seed[1],
+        "per-seed sources are the same model"
+    );
 }
