@@ -763,28 +763,36 @@ impl<'c> Simplex<'c> {
         self.link(new_parent, start);
         self.flow[start] = theta;
         // Potentials and depths of the moved subtree, walked in preorder along the sibling links.
+        // The depth is carried along the walk (one more going down, one less going up) rather
+        // than read from the parent: that load waited on the previous store.
+        // Sources on the moved side gain rc when it is src's side, lose it otherwise.
+        let source_delta = if leave_on_src_side { rc } else { -rc };
         let mut v = start;
+        let mut depth = self.depth[new_parent] + 1;
         'walk: loop {
-            self.depth[v] = self.depth[self.parent[v]] + 1;
-            // Sources on the moved side gain rc when it is src's side, lose it otherwise.
-            let delta = match (leave_on_src_side, is_sink(v)) {
-                (true, false) | (false, true) => rc,
-                (true, true) | (false, false) => -rc,
+            self.depth[v] = depth;
+            self.pot[v] += if is_sink(v) {
+                -source_delta
+            } else {
+                source_delta
             };
-            self.pot[v] += delta;
-            if self.first_child[v] != NONE {
-                v = self.first_child[v];
+            let child = self.first_child[v];
+            if child != NONE {
+                v = child;
+                depth += 1;
                 continue;
             }
             loop {
                 if v == start {
                     break 'walk;
                 }
-                if self.next_sibling[v] != NONE {
-                    v = self.next_sibling[v];
+                let sibling = self.next_sibling[v];
+                if sibling != NONE {
+                    v = sibling;
                     break;
                 }
                 v = self.parent[v];
+                depth -= 1;
             }
         }
         self.up_snk = up_snk;
