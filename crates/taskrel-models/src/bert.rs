@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::kernels::{AttentionProbs, DropoutMask, GELU_ERF};
+use crate::kernels::{AttentionProbs, DropoutMask, GELU_ERF, on_cpu_f32};
 use crate::model::dropout;
 
 /// The fields of a Hugging Face BERT `config.json` this encoder uses (others are ignored).
@@ -307,10 +307,6 @@ fn linear(layer: &Linear, x: &Tensor, training: bool) -> Result<Tensor> {
             .apply_op2(bias, crate::kernels::BiasAdd)?),
         _ => Ok(layer.forward(x)?),
     }
-}
-
-fn on_cpu_f32(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// Layer norm written with tensor ops (differentiable on every device).

@@ -10,6 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use taskrel_data::{Dataset, Modality};
 
 use crate::error::{Error, Result};
+use crate::kernels::convolution::{conv_relu, pad};
+use crate::kernels::on_cpu_f32;
 use crate::model::{Encoder, dropout};
 use crate::preprocess::ImagePlan;
 use crate::spec::{Arch, ImageInput, ModelSpec};
@@ -278,137 +280,6 @@ fn conv_unfold(x: &Tensor, conv: &Conv2d, padding: usize) -> Result<Tensor> {
         None => y,
     };
     Ok(y.reshape((b, oh, ow, o))?.permute((0, 3, 1, 2))?)
-}
-
-/// A convolution and the ReLU after it, for training on the CPU: the values of
-/// [`conv_unfold`] followed by the ReLU kernel, computed outside the autograd graph and
-/// attached to it as one op on `(input, weight, bias)` whose backward pass makes the same
-/// tensor calls as candle's backward pass through those operations would (so every gradient is
-/// the same, bit for bit; a test checks it).
-///
-/// candle adds each node's gradient to a fresh zero tensor: through the bias, the permute, the
-/// copy and the ReLU that is six passes over the activations, and it also computes the gradient
-/// of the unfolded patches of the network's input, which nothing needs. Here only the
-/// gradients of the arguments are formed, and the input's only when the input needs one.
-///
-/// With `pool`, the 2x2 max pooling after the ReLU joins the op too.
-fn conv_relu(x: &Tensor, conv: &Conv2d, padding: usize, pool: bool) -> Result<Tensor> {
-    let w = conv.weight();
-    let bias = conv
-        .bias()
-        .ok_or_else(|| Error::Invalid("conv_relu: the convolution has no bias".into()))?;
-    let (o, c, k, _) = w.dims4()?;
-    let x = pad(x, padding)?;
-    let (b, _, h, wd) = x.dims4()?;
-    let (oh, ow) = (h + 1 - k, wd + 1 - k);
-    let unfold = crate::kernels::Unfold { k };
-    let cols = x
-        .detach()
-        .contiguous()?
-        .apply_op1_no_bwd(&unfold)?
-        .reshape((b * oh * ow, c * k * k))?;
-    let wt = w.detach().reshape((o, c * k * k))?.t()?;
-    let pre = crate::kernels::add_bias_channels_first(&cols.matmul(&wt)?, &bias.detach(), b)?
-        .reshape((b, o, oh, ow))?;
-    let activation = if pool {
-        Some(pre.apply_op1_no_bwd(&crate::kernels::RELU)?)
-    } else {
-        None
-    };
-    Ok(x.apply_op3(
-        w,
-        bias,
-        ConvRelu {
-            unfold,
-            input: [b, c, h, wd],
-            cols,
-            wt,
-            pre,
-            activation,
-        },
-    )?)
-}
-
-/// `relu(conv(input, weight) + bias)`, max-pooled when `activation` is kept, with its
-/// pre-activation and operands kept for the backward pass.
-struct ConvRelu {
-    unfold: crate::kernels::Unfold,
-    input: [usize; 4],
-    /// The unfolded input `(b * oh * ow, c * k * k)`.
-    cols: Tensor,
-    /// The weight as `(c * k * k, o)`, a transposed view.
-    wt: Tensor,
-    /// The pre-activation `(b, o, oh, ow)`, contiguous.
-    pre: Tensor,
-    /// With pooling, the ReLU's output (the pooling's input).
-    activation: Option<Tensor>,
-}
-
-impl candle_core::CustomOp3 for ConvRelu {
-    fn name(&self) -> &'static str {
-        "taskrel-conv-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CustomOp1 as _;
-        let input = self.activation.as_ref().unwrap_or(&self.pre);
-        crate::kernels::with_storage(input, self.name(), |input, layout| match self.activation {
-            Some(_) => crate::kernels::MaxPool2.cpu_fwd(input, layout),
-            None => crate::kernels::RELU.cpu_fwd(input, layout),
-        })
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Through the pooling if any and the ReLU, then back through permute (0, 3, 1, 2)
-        // and the reshape.
-        let (b, _, oh, ow) = self.pre.dims4()?;
-        let grad = match &self.activation {
-            Some(activation) => crate::kernels::MaxPool2.backward(activation, grad)?,
-            None => grad.clone(),
-        };
-        let g = crate::kernels::relu_grad_channels_last(&self.pre, &grad)?;
-        // The bias was broadcast over the rows; the matrix product's two gradients as candle
-        // forms them (`grad rhs^T` and `lhs^T grad`).
-        let grad_bias = crate::kernels::column_sums(&g)?;
-        let grad_w = self.cols.t()?.matmul(&g)?.t()?.reshape(w.dims())?;
-        let grad_x = if x.track_op() {
-            let patches = g
-                .matmul(&self.wt.t()?)?
-                .reshape((b, self.cols.dim(1)? * oh * ow))?;
-            Some(self.unfold.fold(&patches, self.input)?)
-        } else {
-            None
-        };
-        Ok((grad_x, Some(grad_w), Some(grad_bias)))
-    }
-}
-
-fn pad(x: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
-    if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?
-            .pad_with_zeros(3, padding, padding)
-    } else {
-        Ok(x.clone())
-    }
-}
-
-fn on_cpu_f32(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
 /// Pixel of each unfolded column, `(r, q, ch, i, j) -> (ch, r + i, q + j)` of a `(c, h, w)`
