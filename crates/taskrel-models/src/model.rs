@@ -151,6 +151,27 @@ impl Model {
         Ok((head.weight().clone(), bias))
     }
 
+    /// Softmax of the head on row-major `(n, d)` features, row-major `(n, num_classes)` in
+    /// f64 (computed from the head's weights in f64, as the reference implementations of LEEP
+    /// and NCE compute it); `None` without a head.
+    pub fn head_probabilities(
+        &self,
+        values: &[f32],
+        n: usize,
+        d: usize,
+    ) -> Result<Option<Vec<f64>>> {
+        if self.head.is_none() {
+            return Ok(None);
+        }
+        let x = Tensor::from_slice(values, (n, d), &self.device)?.to_dtype(DType::F64)?;
+        let (w, b) = self.head_weights()?;
+        let logits = x
+            .matmul(&w.to_dtype(DType::F64)?.t()?)?
+            .broadcast_add(&b.to_dtype(DType::F64)?)?;
+        let p = candle_nn::ops::softmax_last_dim(&logits)?;
+        Ok(Some(p.flatten_all()?.to_vec1::<f64>()?))
+    }
+
     /// `(n, num_classes)` logits of the head on `(n, feature_dim)` features.
     pub fn head_logits(&self, features: &Tensor) -> Result<Tensor> {
         let head = self.head.as_ref().ok_or_else(|| {

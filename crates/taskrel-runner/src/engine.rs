@@ -30,35 +30,14 @@ use sha2::{Digest, Sha256};
 use taskrel_data::Dataset;
 use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
-use taskrel_score::baselines::{self, Matrix};
 use taskrel_score::{FeatureSet, Samples};
 
-use crate::sweep::{Cell, DataRef, Plan, ScoreKind, Source};
+use crate::sweep::{Cell, DataRef, Plan, Source};
+use taskrel_score::{ScoreInputs, ScoreKind};
 
 /// Bump when cached content would change for the same key (2: end-to-end fine-tuning of
 /// BERT models trains the encoder, which version 1 left untouched).
 const CACHE_VERSION: &str = "taskrel-cache-2";
-
-/// Neighbours of the k-NN baseline.
-pub const KNN_K: usize = 5;
-
-/// Softmax of the model's own head on features, row-major `(n, classes)`, in f64; `None`
-/// without a head.
-pub fn head_probabilities(model: &Model, set: &FeatureSet) -> anyhow::Result<Option<Vec<f64>>> {
-    if !model.has_head() {
-        return Ok(None);
-    }
-    // In f64 from the head's weights, as the reference implementations compute them.
-    let f64 = candle_core::DType::F64;
-    let x = candle_core::Tensor::from_slice(&set.values, (set.n, set.d), model.device())?
-        .to_dtype(f64)?;
-    let (w, b) = model.head_weights()?;
-    let logits = x
-        .matmul(&w.to_dtype(f64)?.t()?)?
-        .broadcast_add(&b.to_dtype(f64)?)?;
-    let p = candle_nn::ops::softmax_last_dim(&logits)?;
-    Ok(Some(p.flatten_all()?.to_vec1::<f64>()?))
-}
 
 /// One row of `cells.csv`: column -> number or text.
 pub type Row = BTreeMap<String, Value>;
@@ -550,95 +529,6 @@ impl<'a> Engine<'a> {
         Ok(set)
     }
 
-    /// The values of `kind`'s columns on one cell's features (NaN where a score does not
-    /// apply, e.g. LEEP for a model without a classification head). Baselines use the target
-    /// fitting sample; task-relatedness fits on it and reports on the evaluation samples.
-    fn score(
-        &self,
-        kind: ScoreKind,
-        seed: u64,
-        model: &Model,
-        reference: Option<Samples>,
-        target: Samples,
-    ) -> anyhow::Result<Vec<f64>> {
-        let target_eval = target.eval;
-        let target = target.fit;
-        let labels = || {
-            target
-                .labels
-                .as_deref()
-                .with_context(|| format!("{} needs target labels", kind.as_str()))
-        };
-        let x: Vec<f64> = target.values.iter().map(|&v| f64::from(v)).collect();
-        let m = Matrix::new(&x, target.n, target.d)?;
-        let reference_of = |what: &str| {
-            reference.with_context(|| format!("{what} needs the model's reference task"))
-        };
-        Ok(match kind {
-            ScoreKind::Relatedness | ScoreKind::RelatednessUnlabeled => {
-                let mut cfg = self.plan.sweep.score.relatedness.clone();
-                cfg.seed = seed;
-                cfg.unlabeled = kind == ScoreKind::RelatednessUnlabeled;
-                let r = taskrel_score::relatedness(
-                    reference_of("task-relatedness")?,
-                    Samples::new(target, target_eval),
-                    &cfg,
-                    &self.device,
-                )?;
-                let mut v = vec![
-                    r.bound,
-                    r.reference_loss,
-                    r.label_entropy,
-                    r.wasserstein,
-                    r.distribution_term,
-                    r.tau,
-                    r.tau_reference,
-                    f64::from(u8::from(r.lipschitz_holds)),
-                ];
-                if kind == ScoreKind::Relatedness {
-                    v.push(r.reference_accuracy);
-                    v.push(r.target_accuracy.unwrap_or(f64::NAN));
-                    v.push(r.target_loss.unwrap_or(f64::NAN));
-                } else {
-                    v.push(r.pseudo_label_accuracy.unwrap_or(f64::NAN));
-                }
-                v
-            }
-            ScoreKind::Logme => vec![baselines::logme(m, labels()?)?],
-            ScoreKind::Hscore => vec![baselines::h_score(m, labels()?)?],
-            ScoreKind::HscoreShrinkage => vec![baselines::shrinkage_h_score(m, labels()?)?],
-            ScoreKind::Knn => vec![baselines::knn_accuracy(m, labels()?, KNN_K)?],
-            ScoreKind::Leep | ScoreKind::Nce => {
-                let Some(p) = head_probabilities(model, target)? else {
-                    return Ok(vec![f64::NAN]);
-                };
-                let c = p.len() / target.n;
-                if kind == ScoreKind::Leep {
-                    vec![baselines::leep(Matrix::new(&p, target.n, c)?, labels()?)?]
-                } else {
-                    let argmax: Vec<u32> = p
-                        .chunks(c)
-                        .map(|r| {
-                            (0..c)
-                                .max_by(|&a, &b| r[a].total_cmp(&r[b]))
-                                .map_or(0, |z| z as u32)
-                        })
-                        .collect();
-                    vec![baselines::nce(&argmax, labels()?)?]
-                }
-            }
-            ScoreKind::Otce => {
-                let r = reference_of("OTCE")?.fit;
-                let rx: Vec<f64> = r.values.iter().map(|&v| f64::from(v)).collect();
-                let rl = r
-                    .labels
-                    .as_deref()
-                    .context("reference features without labels")?;
-                vec![baselines::otce(Matrix::new(&rx, r.n, r.d)?, rl, m, labels()?)?.0]
-            }
-        })
-    }
-
     /// Runs one cell of the plan: scores on the target's train split, then fine-tuning
     /// measured on its test split; `stage` is told what is happening.
     pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
@@ -680,8 +570,8 @@ impl<'a> Engine<'a> {
         for kind in scores {
             for col in kind.columns() {
                 row.insert(
-                    col.to_string(),
-                    fresh.get(*col).cloned().unwrap_or(Value::Null),
+                    col.name.to_string(),
+                    fresh.get(col.name).cloned().unwrap_or(Value::Null),
                 );
             }
             let secs = format!("seconds_{}", kind.as_str());
@@ -830,20 +720,34 @@ impl<'a> Engine<'a> {
         row.insert("n_target".into(), json!(tgt_fit.n));
         row.insert("seconds_features".into(), json!(t.elapsed().as_secs_f64()));
 
+        // The source head's probabilities on the target, computed once for LEEP and NCE.
+        let mut head: Option<Option<Vec<f64>>> = None;
         for &kind in scores {
             stage(kind.as_str());
             let t = Instant::now();
             let values = if kind.needs_reference() && ref_feats.is_none() {
                 vec![f64::NAN; kind.columns().len()]
             } else {
-                let reference = ref_feats
-                    .as_ref()
-                    .map(|(fit, eval)| Samples::new(fit, eval));
-                let target = Samples::new(&tgt_fit, &tgt_eval);
-                self.score(kind, cell.seed, &model, reference, target)?
+                if kind.needs_head() && head.is_none() {
+                    head = Some(model.head_probabilities(&tgt_fit.values, tgt_fit.n, tgt_fit.d)?);
+                }
+                let inputs = ScoreInputs {
+                    target: Samples::new(&tgt_fit, &tgt_eval),
+                    reference: ref_feats
+                        .as_ref()
+                        .map(|(fit, eval)| Samples::new(fit, eval)),
+                    head_probabilities: head
+                        .as_ref()
+                        .and_then(|p| p.as_deref())
+                        .map(|p| (p, p.len() / tgt_fit.n.max(1))),
+                    relatedness: &plan.sweep.score.relatedness,
+                    seed: cell.seed,
+                    device: &self.device,
+                };
+                kind.compute(&inputs)?
             };
             for (col, v) in kind.columns().iter().zip(values) {
-                row.insert(col.to_string(), num(Some(v)));
+                row.insert(col.name.to_string(), num(Some(v)));
             }
             let secs = self.add_time(kind.as_str(), t);
             row.insert(format!("seconds_{}", kind.as_str()), json!(secs));

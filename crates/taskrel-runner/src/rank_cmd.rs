@@ -20,8 +20,7 @@ use taskrel_models::train::TrainConfig;
 
 use crate::engine::{Engine, Row, TargetSample, sha256_hex, write_atomic};
 use crate::sweep::{
-    Cell, CsvDef, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef,
-    higher_is_better, unplaced,
+    Cell, CsvDef, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef, unplaced,
 };
 
 /// A zoo file as written.
@@ -444,21 +443,17 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         .scores
         .iter()
         .map(|s| {
-            ScoreKind::ALL
-                .into_iter()
-                .find(|k| k.as_str() == s.value)
-                .ok_or_else(|| {
-                    let valid: Vec<&str> = ScoreKind::ALL.iter().map(|k| k.as_str()).collect();
-                    let loc = s.referenced;
-                    anyhow::anyhow!(
-                        "{}:{}:{}: score.scores: unknown score {:?}; expected one of {}",
-                        opts.zoo.display(),
-                        loc.line(),
-                        loc.column(),
-                        s.value,
-                        valid.join(", ")
-                    )
-                })
+            ScoreKind::parse(&s.value).ok_or_else(|| {
+                let loc = s.referenced;
+                anyhow::anyhow!(
+                    "{}:{}:{}: score.scores: unknown score {:?}; expected one of {}",
+                    opts.zoo.display(),
+                    loc.line(),
+                    loc.column(),
+                    s.value,
+                    ScoreKind::names().join(", ")
+                )
+            })
         })
         .collect::<anyhow::Result<_>>()?;
     let scores: Vec<ScoreKind> = if labelled {
@@ -560,10 +555,10 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     });
     let mut columns: Vec<String> = vec![key.to_string()];
     for s in &scores {
-        for c in s.columns() {
+        for c in s.columns().iter().map(|c| c.name) {
             // The label-free terms other than tau are in the bound; the Lipschitz flag is in
             // the verdict.
-            let shown = *c != key
+            let shown = c != key
                 && !c.starts_with("lipschitz_holds")
                 && (!c.ends_with("_unlabeled") || c.starts_with("tau"));
             if shown {
@@ -656,7 +651,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         .filter(|c| {
             ScoreKind::ALL
                 .iter()
-                .any(|k| k.columns()[0] == c.as_str() && higher_is_better(c))
+                .any(|k| k.columns()[0].name == c.as_str() && k.columns()[0].larger_is_better)
         })
         .collect();
     if !other.is_empty() {

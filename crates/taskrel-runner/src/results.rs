@@ -16,7 +16,13 @@ use serde_json::Value;
 
 use crate::engine::{Row, write_atomic};
 use crate::stats::{self, Estimate};
-use crate::sweep::{Correlation, GroupBy, higher_is_better};
+use crate::sweep::{Correlation, GroupBy};
+
+/// Whether a larger value of `column` predicts better transfer (a column no score declares,
+/// such as an accuracy: yes).
+fn higher_is_better(column: &str) -> bool {
+    taskrel_score::larger_is_better(column) != Some(false)
+}
 
 /// Bootstrap resamples and seed of every confidence interval.
 const BOOTSTRAP_RESAMPLES: usize = 1000;

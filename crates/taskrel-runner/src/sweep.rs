@@ -335,121 +335,7 @@ fn default_group() -> Spanned<String> {
     unplaced("all".to_string())
 }
 
-/// Scores a sweep can compute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScoreKind {
-    /// Task-relatedness with target labels.
-    Relatedness,
-    /// Task-relatedness without target labels.
-    RelatednessUnlabeled,
-    /// LogME of the target features and labels.
-    Logme,
-    /// LEEP of the source head's probabilities on the target.
-    Leep,
-    /// NCE of the source head's predictions on the target.
-    Nce,
-    /// H-score.
-    Hscore,
-    /// Shrinkage (Ledoit-Wolf) H-score.
-    HscoreShrinkage,
-    /// OTCE's conditional-entropy part between reference and target.
-    Otce,
-    /// Leave-one-out 5-NN accuracy on the target features.
-    Knn,
-}
-
-impl ScoreKind {
-    pub const ALL: [ScoreKind; 9] = [
-        Self::Relatedness,
-        Self::RelatednessUnlabeled,
-        Self::Logme,
-        Self::Leep,
-        Self::Nce,
-        Self::Hscore,
-        Self::HscoreShrinkage,
-        Self::Otce,
-        Self::Knn,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Relatedness => "relatedness",
-            Self::RelatednessUnlabeled => "relatedness_unlabeled",
-            Self::Logme => "logme",
-            Self::Leep => "leep",
-            Self::Nce => "nce",
-            Self::Hscore => "hscore",
-            Self::HscoreShrinkage => "hscore_shrinkage",
-            Self::Otce => "otce",
-            Self::Knn => "knn",
-        }
-    }
-
-    /// Whether the score needs the source model's reference task.
-    pub fn needs_reference(self) -> bool {
-        matches!(
-            self,
-            Self::Relatedness | Self::RelatednessUnlabeled | Self::Otce
-        )
-    }
-
-    /// The `cells.csv` columns this score writes, the first one being the score itself.
-    pub fn columns(self) -> &'static [&'static str] {
-        match self {
-            Self::Relatedness => &[
-                "bound",
-                "reference_loss",
-                "label_entropy",
-                "wasserstein",
-                "distribution_term",
-                "tau",
-                "tau_reference",
-                "lipschitz_holds",
-                "reference_accuracy",
-                "transformed_accuracy",
-                "target_loss",
-            ],
-            Self::RelatednessUnlabeled => &[
-                "bound_unlabeled",
-                "reference_loss_unlabeled",
-                "label_entropy_unlabeled",
-                "wasserstein_unlabeled",
-                "distribution_term_unlabeled",
-                "tau_unlabeled",
-                "tau_reference_unlabeled",
-                "lipschitz_holds_unlabeled",
-                "pseudo_label_accuracy",
-            ],
-            Self::Logme => &["logme"],
-            Self::Leep => &["leep"],
-            Self::Nce => &["nce"],
-            Self::Hscore => &["hscore"],
-            Self::HscoreShrinkage => &["hscore_shrinkage"],
-            Self::Otce => &["otce"],
-            Self::Knn => &["knn"],
-        }
-    }
-}
-
-/// Whether a larger value of a score column predicts better transfer (the bound: smaller is
-/// better). Correlations are reported on scores oriented this way.
-pub fn higher_is_better(column: &str) -> bool {
-    !matches!(
-        column,
-        "bound"
-            | "bound_unlabeled"
-            | "reference_loss"
-            | "reference_loss_unlabeled"
-            | "label_entropy"
-            | "label_entropy_unlabeled"
-            | "wasserstein"
-            | "wasserstein_unlabeled"
-            | "distribution_term"
-            | "distribution_term_unlabeled"
-            | "target_loss"
-    )
-}
+pub use taskrel_score::ScoreKind;
 
 /// How a source model is obtained.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1097,22 +983,18 @@ impl Sweep {
         }
         let mut scores = Vec::new();
         for s in &self.score.scores {
-            let kind = ScoreKind::ALL
-                .into_iter()
-                .find(|k| k.as_str() == s.value)
-                .ok_or_else(|| {
-                    let valid: Vec<&str> = ScoreKind::ALL.iter().map(|k| k.as_str()).collect();
-                    at(
-                        path,
-                        s,
-                        "score.scores",
-                        format!(
-                            "unknown score {:?}; expected one of {}",
-                            s.value,
-                            valid.join(", ")
-                        ),
-                    )
-                })?;
+            let kind = ScoreKind::parse(&s.value).ok_or_else(|| {
+                at(
+                    path,
+                    s,
+                    "score.scores",
+                    format!(
+                        "unknown score {:?}; expected one of {}",
+                        s.value,
+                        ScoreKind::names().join(", ")
+                    ),
+                )
+            })?;
             if !scores.contains(&kind) {
                 scores.push(kind);
             }
@@ -1128,7 +1010,7 @@ impl Sweep {
             // A score, or one of the terms it writes (e.g. `wasserstein` alone).
             let columns: Vec<&str> = scores
                 .iter()
-                .flat_map(|k| k.columns().iter().copied())
+                .flat_map(|k| k.columns().iter().map(|c| c.name))
                 .collect();
             if !columns.contains(&c.score.value.as_str()) {
                 return Err(at(
@@ -1265,7 +1147,7 @@ impl Plan {
         .map(String::from)
         .to_vec();
         for s in &self.scores {
-            cols.extend(s.columns().iter().map(|c| c.to_string()));
+            cols.extend(s.columns().iter().map(|c| c.name.to_string()));
         }
         for m in &self.sweep.measure.modes {
             cols.push(format!("accuracy_{}", m.as_str()));

@@ -233,8 +233,8 @@ pub struct RunOptions {
     pub shard: Option<(usize, usize)>,
     /// Recompute these scores (comma-separated) on cells already finished, keeping their
     /// other columns: for a score added or fixed after a run, without fine-tuning again.
-    #[arg(long, value_delimiter = ',')]
-    pub rescore: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub rescore: Vec<ScoreKind>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -299,23 +299,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let path = opts.sweep.as_path();
     let plan = load_plan(path, &opts.data_root, true)?;
     let device = taskrel_models::device(&opts.device)?;
-    let rescore: Vec<ScoreKind> = opts
-        .rescore
-        .iter()
-        .map(|name| {
-            plan.scores
-                .iter()
-                .copied()
-                .find(|k| k.as_str() == name)
-                .ok_or_else(|| {
-                    let valid: Vec<&str> = plan.scores.iter().map(|k| k.as_str()).collect();
-                    anyhow::anyhow!(
-                        "--rescore {name}: not a score of this sweep; its scores: {}",
-                        valid.join(", ")
-                    )
-                })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let rescore = opts.rescore.clone();
+    if let Some(other) = rescore.iter().find(|k| !plan.scores.contains(k)) {
+        let valid: Vec<&str> = plan.scores.iter().map(|k| k.as_str()).collect();
+        bail!(
+            "--rescore {}: not a score of this sweep; its scores: {}",
+            other.as_str(),
+            valid.join(", ")
+        );
+    }
     let selected: Vec<_> = match (&opts.only, opts.shard) {
         (Some(id), _) => {
             let cell = plan.cells.iter().find(|c| &c.id == id).ok_or_else(|| {
@@ -462,7 +454,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             cells_already_done: Some(skipped),
             cells_run_by_another_process: Some(elsewhere),
             cells_rescored: Some(rescored),
-            rescored_scores: opts.rescore.clone(),
+            rescored_scores: opts
+                .rescore
+                .iter()
+                .map(|k| k.as_str().to_string())
+                .collect(),
             cells_finished: finished,
             stage_seconds: engine.stage_seconds.clone(),
             ..invocation("run", started, plan.cells.len())

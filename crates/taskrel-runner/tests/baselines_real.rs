@@ -22,8 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use taskrel_score::FeatureSet;
-use taskrel_score::baselines::{self, Matrix};
+use taskrel_score::{FeatureSet, Samples, ScoreInputs, ScoreKind};
 
 fn data_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
@@ -69,20 +68,27 @@ fn baselines_match_references_on_real_features() {
     let tmp = tempfile::tempdir().unwrap();
     let usps = features("usps", "20", &tmp.path().join("usps.safetensors"));
     let mnist = features("mnist", "15", &tmp.path().join("mnist.safetensors"));
-    let to64 = |s: &FeatureSet| s.values.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-    let (x, xm) = (to64(&usps), to64(&mnist));
-    let (y, ym) = (usps.labels.clone().unwrap(), mnist.labels.clone().unwrap());
-    let m = Matrix::new(&x, usps.n, usps.d).unwrap();
-    close(baselines::logme(m, &y).unwrap(), 0.5177709734067382);
-    close(baselines::h_score(m, &y).unwrap(), 8.34907524841454);
-    close(
-        baselines::shrinkage_h_score(m, &y).unwrap(),
-        8.025775181417089,
+    // Through the typed scores, as the engine computes them.
+    let (cfg, device) = (
+        taskrel_score::RelatednessConfig::default(),
+        candle_core::Device::Cpu,
     );
-    close(baselines::knn_accuracy(m, &y, 5).unwrap(), 0.965);
-    let (otce, _) =
-        baselines::otce(Matrix::new(&xm, mnist.n, mnist.d).unwrap(), &ym, m, &y).unwrap();
-    close(otce, -0.6925178792376188);
+    let inputs = ScoreInputs {
+        target: Samples::new(&usps, &usps),
+        reference: Some(Samples::new(&mnist, &mnist)),
+        head_probabilities: None,
+        relatedness: &cfg,
+        seed: 0,
+        device: &device,
+    };
+    let score = |kind: ScoreKind| kind.compute(&inputs).unwrap()[0];
+    close(score(ScoreKind::Logme), 0.5177709734067382);
+    close(score(ScoreKind::Hscore), 8.34907524841454);
+    close(score(ScoreKind::HscoreShrinkage), 8.025775181417089);
+    close(score(ScoreKind::Knn), 0.965);
+    close(score(ScoreKind::Otce), -0.6925178792376188);
+    // Without a head, LEEP does not apply.
+    assert!(score(ScoreKind::Leep).is_nan());
 
     // The source head's probabilities on the same features, in f64 as the reference.
     let model = taskrel_models::load(
@@ -95,30 +101,22 @@ fn baselines_match_references_on_real_features() {
         &taskrel_models::LoadOptions::default(),
     )
     .unwrap();
-    let feats = candle_core::Tensor::from_slice(&usps.values, (usps.n, usps.d), model.device())
+    // The engine's path: the head's probabilities, then LEEP and NCE through the typed scores.
+    let p = model
+        .head_probabilities(&usps.values, usps.n, usps.d)
         .unwrap()
-        .to_dtype(candle_core::DType::F64)
-        .unwrap();
-    let (w, b) = model.head_weights().unwrap();
-    let logits = feats
-        .matmul(&w.to_dtype(candle_core::DType::F64).unwrap().t().unwrap())
-        .unwrap()
-        .broadcast_add(&b.to_dtype(candle_core::DType::F64).unwrap())
-        .unwrap();
-    let p = candle_nn::ops::softmax_last_dim(&logits)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
         .unwrap();
     let c = p.len() / usps.n;
+    let inputs = ScoreInputs {
+        head_probabilities: Some((&p, c)),
+        ..inputs
+    };
     close(
-        baselines::leep(Matrix::new(&p, usps.n, c).unwrap(), &y).unwrap(),
+        ScoreKind::Leep.compute(&inputs).unwrap()[0],
         -0.15368044311721238,
     );
-    let argmax: Vec<u32> = p
-        .chunks(c)
-        .map(|r| (0..c).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32)
-        .collect();
-    close(baselines::nce(&argmax, &y).unwrap(), -0.16003762181002817);
+    close(
+        ScoreKind::Nce.compute(&inputs).unwrap()[0],
+        -0.16003762181002817,
+    );
 }

@@ -9,9 +9,11 @@ mod dense;
 pub mod features;
 pub mod ot;
 pub mod relatedness;
+pub mod scores;
 
 pub use features::FeatureSet;
 pub use relatedness::{RelatednessConfig, Report, Samples, Solver, Variant, relatedness};
+pub use scores::{Column, ScoreInputs, ScoreKind, larger_is_better};
 
 /// Errors of the score crate.
 #[derive(Debug, thiserror::Error)]
