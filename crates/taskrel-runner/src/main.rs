@@ -1,18 +1,7 @@
 //! `taskrel`: predict how well a pretrained model transfers to a task, then check by
 //! fine-tuning. This binary parses arguments once, runs one subcommand, and exits in one place.
 
-mod bench_cmd;
-mod data_cmd;
-mod engine;
-mod model_cmd;
-mod plots;
-mod rank_cmd;
-mod relatedness_cmd;
-mod results;
-mod stats;
-mod sweep;
-mod sweep_cmd;
-mod yaml;
+use taskrel_runner::{bench_cmd, data_cmd, model_cmd, rank_cmd, relatedness_cmd, sweep_cmd};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -7,6 +7,7 @@ use taskrel_score::{FeatureSet, RelatednessConfig, Samples};
 
 /// Feature files of one task: fitting samples, and evaluation samples from a file of their
 /// own or split off the fitting file.
+#[derive(Debug)]
 pub struct TaskFiles {
     pub fit: PathBuf,
     pub eval: Option<PathBuf>,
