@@ -402,6 +402,12 @@ fn tiny_bert(p: f32, max_len: usize) -> taskrel_models::Model {
         "attention_probs_dropout_prob": p, "max_position_embeddings": 512,
         "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0
     });
+    tiny_encoder(config, 5, max_len)
+}
+
+/// A randomly initialised encoder of `config` with MiniLM's tokenizer, unnormalised mean
+/// pooling and texts truncated at `max_len`.
+fn tiny_encoder(config: serde_json::Value, seed: u64, max_len: usize) -> taskrel_models::Model {
     let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
     let input = TextInput {
         max_len,
@@ -409,7 +415,7 @@ fn tiny_bert(p: f32, max_len: usize) -> taskrel_models::Model {
         normalize: false,
     };
     let options = LoadOptions {
-        seed: 5,
+        seed,
         ..Default::default()
     };
     taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap()
@@ -425,33 +431,6 @@ const GRAD_TEXTS: [&str; 3] = [
 fn bert_gradients_reach_every_weight_and_match_pytorch() {
     let bert = tiny_bert(0.0, 16);
     save_for_reference(&bert, "bert");
-    let data = Dataset {
-        inputs: Inputs::Texts(GRAD_TEXTS.iter().map(|s| s.to_string()).collect()),
-        labels: vec![0; GRAD_TEXTS.len()],
-        classes: vec!["any".into()],
-    };
-    let idx = [0, 1, 2];
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    let trained = bert.features(&data, &idx, Some(&mut rng)).unwrap();
-    let evaluated = bert.features(&data, &idx, None).unwrap();
-    // Training mode (differentiable kernels) and evaluation (fused kernels) agree.
-    let gap = (&trained - &evaluated)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(gap < 1e-5, "train/eval features differ by {gap}");
-    let (n, d) = trained.dims2().unwrap();
-    let w: Vec<f32> = (0..n * d)
-        .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
-        .collect();
-    let w = candle_core::Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
-    let loss = ((&trained * &w).unwrap().sum_all().unwrap()
-        + trained.sqr().unwrap().sum_all().unwrap())
-    .unwrap();
     // Reference (scripts/bench/tiny_encoders_reference.py, which torch 1.13 / transformers 4.36
     // reproduces): PyTorch 2 / transformers BertModel(add_pooling_layer=False) in train mode,
     // holding this model's weights (saved with `bert.save(dir)`), the same tokenizer.json,
@@ -467,12 +446,62 @@ fn bert_gradients_reach_every_weight_and_match_pytorch() {
         0.06195, 0.012766, 0.061525, 3.285834, 15.006693, 1.931075, 9.266418, 27.743849, 27.70536,
         18.591146, 10.369782,
     ];
+    check_against_pytorch(&bert, &GRAD_TEXTS, 64.795975, None, &torch_norms);
+}
+
+/// Runs `model` in training mode on `texts` (dropout off), checks it against evaluation mode,
+/// then checks against PyTorch's: the first pooled features when given, the loss
+/// `sum(f * w) + sum(f^2)` of the pooled features `f` (with `w[k] = ((7k mod 11) - 5) / 5`) and
+/// the gradient norm of every encoder variable, sorted by name.
+fn check_against_pytorch(
+    model: &taskrel_models::Model,
+    texts: &[&str],
+    torch_loss: f32,
+    torch_features: Option<&[f32]>,
+    torch_norms: &[f64],
+) {
+    let data = Dataset {
+        inputs: Inputs::Texts(texts.iter().map(|s| s.to_string()).collect()),
+        labels: vec![0; texts.len()],
+        classes: vec!["any".into()],
+    };
+    let idx: Vec<usize> = (0..texts.len()).collect();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let trained = model.features(&data, &idx, Some(&mut rng)).unwrap();
+    let evaluated = model.features(&data, &idx, None).unwrap();
+    // Training mode (differentiable kernels) and evaluation (fused kernels) agree.
+    let gap = (&trained - &evaluated)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap < 1e-5, "train/eval features differ by {gap}");
+    if let Some(want) = torch_features {
+        let got = trained.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (got, want) in got.iter().zip(want) {
+            assert!((got - want).abs() < 1e-5, "feature {got}, PyTorch {want}");
+        }
+    }
+    let (n, d) = trained.dims2().unwrap();
+    let w: Vec<f32> = (0..n * d)
+        .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
+    let w = candle_core::Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
+    let loss = ((&trained * &w).unwrap().sum_all().unwrap()
+        + trained.sqr().unwrap().sum_all().unwrap())
+    .unwrap();
     let grads = loss.backward().unwrap();
     let loss = loss.to_scalar::<f32>().unwrap();
-    assert!((loss - 64.795975).abs() < 1e-4, "loss {loss}");
-    let (encoder, _) = bert.vars().unwrap();
+    assert!(
+        (loss - torch_loss).abs() < 1e-4,
+        "loss {loss}, PyTorch {torch_loss}"
+    );
+    let (encoder, _) = model.vars().unwrap();
     assert_eq!(encoder.len(), torch_norms.len());
-    for (i, (var, want)) in encoder.iter().zip(torch_norms).enumerate() {
+    for (i, (var, &want)) in encoder.iter().zip(torch_norms).enumerate() {
         let got = grads
             .get(var)
             .map(|g| g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap())
@@ -503,17 +532,7 @@ fn tiny_mpnet(p: f32, max_len: usize) -> taskrel_models::Model {
         "max_position_embeddings": 64, "layer_norm_eps": 1e-5, "pad_token_id": 1,
         "relative_attention_num_buckets": 32
     });
-    let tokenizer = data_root().join("models/all-MiniLM-L6-v2/tokenizer.json");
-    let input = TextInput {
-        max_len,
-        pooling: "mean".into(),
-        normalize: false,
-    };
-    let options = LoadOptions {
-        seed: 6,
-        ..Default::default()
-    };
-    taskrel_models::random_bert(config, &tokenizer, input, &options).unwrap()
+    tiny_encoder(config, 6, max_len)
 }
 
 /// Texts of 6 to 32 tokens: relative positions up to 31 apart reach the logarithmic buckets.
@@ -528,34 +547,9 @@ const MPNET_TEXTS: [&str; 3] = [
 fn mpnet_gradients_reach_every_weight_and_match_pytorch() {
     let mpnet = tiny_mpnet(0.0, 32);
     save_for_reference(&mpnet, "mpnet");
-    let data = Dataset {
-        inputs: Inputs::Texts(MPNET_TEXTS.iter().map(|s| s.to_string()).collect()),
-        labels: vec![0; MPNET_TEXTS.len()],
-        classes: vec!["any".into()],
-    };
-    let idx = [0, 1, 2];
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    let trained = mpnet.features(&data, &idx, Some(&mut rng)).unwrap();
-    let evaluated = mpnet.features(&data, &idx, None).unwrap();
-    let gap = (&trained - &evaluated)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(gap < 1e-5, "train/eval features differ by {gap}");
-    let (n, d) = trained.dims2().unwrap();
-    let w: Vec<f32> = (0..n * d)
-        .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
-        .collect();
-    let w = candle_core::Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
-    let loss = ((&trained * &w).unwrap().sum_all().unwrap()
-        + trained.sqr().unwrap().sum_all().unwrap())
-    .unwrap();
-    // Reference (scripts/bench/tiny_encoders_reference.py): torch 1.13 / transformers 4.36.2, MPNetModel(MPNetConfig(**spec["bert"]),
-    // add_pooling_layer=False) in train mode holding this model's weights (saved with
+    // Reference (scripts/bench/tiny_encoders_reference.py): torch 1.13 / transformers 4.36.2,
+    // MPNetModel(MPNetConfig(**spec["bert"]), add_pooling_layer=False) in train mode holding
+    // this model's weights (saved with
     // `mpnet.save(dir)`), the same tokenizer.json through PreTrainedTokenizerFast,
     // padding="longest", truncation at 32 (lengths 32, 8, 7), masked mean pooling, then:
     //   w = torch.tensor([((k * 7 % 11) - 5.0) / 5.0 for k in range(n * d)]).reshape(n, d)
@@ -570,28 +564,14 @@ fn mpnet_gradients_reach_every_weight_and_match_pytorch() {
         0.047515, 1.857492, 5.428497, 1.34638, 3.737883, 12.413056, 7.110754, 11.091236, 3.586848,
         0.046794,
     ];
-    let features = trained.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (got, want) in features.iter().zip([0.041309, 0.117913, 0.1121, -0.333639]) {
-        assert!((got - want).abs() < 1e-5, "feature {got}, PyTorch {want}");
-    }
-    let grads = loss.backward().unwrap();
-    let loss = loss.to_scalar::<f32>().unwrap();
-    assert!((loss - 16.949987).abs() < 1e-4, "loss {loss}");
-    let (encoder, _) = mpnet.vars().unwrap();
-    assert_eq!(encoder.len(), torch_norms.len());
-    for (i, (var, want)) in encoder.iter().zip(torch_norms).enumerate() {
-        let got = grads
-            .get(var)
-            .map(|g| g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap())
-            .map(|g| f64::from(g.to_scalar::<f32>().unwrap()))
-            .unwrap_or(f64::NAN);
-        // The key biases cancel in the softmax: their gradient is 0 up to rounding.
-        let tolerance = 1e-4 * want.max(1.0);
-        assert!(
-            (got - want).abs() < tolerance,
-            "gradient norm of encoder variable {i}: {got}, PyTorch {want}"
-        );
-    }
+    let features = [0.041309, 0.117913, 0.1121, -0.333639];
+    check_against_pytorch(
+        &mpnet,
+        &MPNET_TEXTS,
+        16.949987,
+        Some(&features),
+        &torch_norms,
+    );
 }
 
 /// A local stand-in for the Hub: `resolve` URLs answer `HEAD` with the Hub's headers (the
