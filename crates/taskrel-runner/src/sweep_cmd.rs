@@ -335,17 +335,26 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     for dir in [out.clone(), out.join("plots"), out.join("cells")] {
         crate::engine::clean_stale_temps(&dir)?;
     }
-    write_atomic(
-        &out.join(CONFIG_FILE),
-        crate::yaml::to_string(&plan.sweep)?.as_bytes(),
-    )?;
+    // A results folder as committed keeps cells.csv and config.yaml but not the per-cell
+    // records: a run of the very same resolved configuration resumes from cells.csv.
+    let config = crate::yaml::to_string(&plan.sweep)?;
+    let same_config = std::fs::read_to_string(out.join(CONFIG_FILE))
+        .ok()
+        .as_deref()
+        == Some(config.as_str());
+    write_atomic(&out.join(CONFIG_FILE), config.as_bytes())?;
     let store = Store::new(&out);
     store.set_aside_damaged()?;
-    if !rescore.is_empty() {
+    if !rescore.is_empty() || same_config {
         let restored = store.restore_from_csv(&out.join(CELLS_CSV))?;
         if restored > 0 {
+            let why = if rescore.is_empty() {
+                "the same configuration's earlier run"
+            } else {
+                "rescoring"
+            };
             eprintln!(
-                "{}: {restored} finished cells restored from {CELLS_CSV} for rescoring",
+                "{}: {restored} finished cells restored from {CELLS_CSV} for {why}",
                 plan.name
             );
         }

@@ -195,6 +195,21 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 cells run, 5 already done"));
     assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
 
+    // As committed (cells.csv and config.yaml, no per-cell records), the folder resumes from
+    // cells.csv: nothing runs, and no row changes.
+    let records = out.join("cells");
+    std::fs::rename(&records, tmp.path().join("records")).unwrap();
+    let resumed = run_smoke(&results, &cache, &[]);
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("0 cells run, 5 already done"),
+        "{}",
+        String::from_utf8_lossy(&resumed.stdout)
+    );
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("5 finished cells restored"));
+    assert_eq!(rows_without_timings(&out.join("cells.csv")), rows);
+    std::fs::remove_dir_all(&records).unwrap();
+    std::fs::rename(tmp.path().join("records"), &records).unwrap();
+
     // Recomputing a score on finished cells reproduces it and keeps every other column.
     let rescored = run_smoke(&results, &cache, &["--rescore", "relatedness_unlabeled"]);
     assert!(String::from_utf8_lossy(&rescored.stdout).contains("(5 rescored)"));
@@ -203,11 +218,11 @@ fn smoke_sweep_runs_reports_shards_and_resumes() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     let invocations = manifest["invocations"].as_array().unwrap();
-    assert_eq!(invocations.len(), 3);
+    assert_eq!(invocations.len(), 4);
     assert_eq!(&invocations[0], first_run);
-    assert_eq!(invocations[2]["cells_rescored"], 5);
+    assert_eq!(invocations[3]["cells_rescored"], 5);
     assert_eq!(
-        invocations[2]["rescored_scores"][0],
+        invocations[3]["rescored_scores"][0],
         "relatedness_unlabeled"
     );
     // A results folder as committed keeps cells.csv only: --rescore restores the finished
