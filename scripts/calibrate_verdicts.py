@@ -1,6 +1,6 @@
 """Derives `taskrel rank`'s verdict thresholds (rank_cmd.rs, WELL_LABELLED / WELL_UNLABELED)
 from a digits study's cells.csv: for the labelled and the label-free bound, the largest bound,
-rounded down to 0.1, at or below which every cell reached at least 90 % test accuracy after
+rounded down to a multiple of 0.05, at or below which every cell reached at least 90 % test accuracy after
 full fine-tuning. Prints how many cells fall at or below it, their lowest accuracy, and the
 accuracy range of each quarter of the cells above it.
 
@@ -26,11 +26,11 @@ def calibrate(rows, column):
     if last_ok is None:
         print(f"{column}: the cell with the smallest bound is below {FLOOR:.0%}: no threshold")
         return
-    # Round down, then make sure no cell below the floor sneaks under the rounded value.
-    threshold = math.floor(last_ok * 10) / 10
+    # Rounded down to a multiple of 0.05 (below the last cell that meets the floor).
+    threshold = math.floor(last_ok * 20) / 20
     below = [acc for b, acc in cells if b <= threshold]
     above = [(b, acc) for b, acc in cells if b > threshold]
-    print(f"{column}: threshold {threshold:.1f}: {len(below)} of {len(cells)} cells at or below, "
+    print(f"{column}: threshold {threshold:.2f}: {len(below)} of {len(cells)} cells at or below, "
           f"lowest accuracy {min(below) if below else float('nan'):.3f}")
     for q in range(4):
         part = above[q * len(above) // 4:(q + 1) * len(above) // 4]
