@@ -7,16 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use taskrel_data::{DatasetName, Error, Inputs, csv_text, load, table};
-
-fn data_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
-}
+use taskrel_testkit::data_root;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);

@@ -4,22 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use taskrel_data::{Dataset, DatasetName, Inputs};
 use taskrel_models::train::{self, Mode, TrainConfig};
 use taskrel_models::{LoadOptions, ModelRef, TextInput, load};
-
-fn data_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
-}
+use taskrel_testkit::data_root;
 
 fn split(name: DatasetName, train: bool) -> Dataset {
     let splits = taskrel_data::load(name, &data_root().join(name.as_str())).unwrap();

@@ -19,20 +19,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use taskrel_score::{FeatureSet, Samples, ScoreInputs, ScoreKind};
-
-fn data_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
-}
+use taskrel_testkit::data_root;
 
 fn features(dataset: &str, per_class: &str, out: &Path) -> FeatureSet {
     let model = data_root().join("models/ccexam/usps.pth");

@@ -4,22 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use taskrel_testkit::data_root;
 
 fn taskrel(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_taskrel"))
         .args(args)
         .output()
         .unwrap()
-}
-
-fn data_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
 }
 
 fn json(args: &[&str]) -> serde_json::Value {

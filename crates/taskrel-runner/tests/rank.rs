@@ -3,18 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn data_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
-}
+use taskrel_testkit::data_root;
 
 const ZOO: &str = "name: test-zoo
 models:

@@ -6,20 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn data_root() -> PathBuf {
-    let root = repo().join("data");
-    assert!(
-        root.is_dir(),
-        "{} missing: run scripts/fetch-data.sh --mirror ../shared/data",
-        root.display()
-    );
-    root
-}
+use taskrel_testkit::{data_root, workspace_root};
 
 fn command(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_taskrel"));
@@ -38,7 +25,10 @@ fn ok(args: &[&str]) -> Output {
 }
 
 fn smoke() -> String {
-    repo().join("configs/smoke.yaml").display().to_string()
+    workspace_root()
+        .join("configs/smoke.yaml")
+        .display()
+        .to_string()
 }
 
 /// `cells.csv` without its timing columns (the only ones that differ between runs).
