@@ -149,7 +149,7 @@ impl BertEncoder {
         }
         if input.max_len == 0 || input.max_len > config.max_positions() {
             return Err(Error::Invalid(format!(
-                "max_len {} is outside 1..={}, the positions the model's max_position_embeddings covers",
+                "max_len {} is outside 1..={}, the longest sequence the model's position table covers",
                 input.max_len,
                 config.max_positions()
             )));

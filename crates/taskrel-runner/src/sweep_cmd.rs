@@ -335,13 +335,20 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     for dir in [out.clone(), out.join("plots"), out.join("cells")] {
         crate::engine::clean_stale_temps(&dir)?;
     }
-    // A results folder as committed keeps cells.csv and config.yaml but not the per-cell
-    // records: a run of the very same resolved configuration resumes from cells.csv.
+    // A results folder as committed keeps cells.csv and config.yaml but no per-cell records:
+    // a run of the very same resolved configuration resumes from cells.csv. Where records
+    // exist they are the truth (a damaged one is computed again, not restored).
     let config = crate::yaml::to_string(&plan.sweep)?;
-    let same_config = std::fs::read_to_string(out.join(CONFIG_FILE))
-        .ok()
-        .as_deref()
-        == Some(config.as_str());
+    let no_records = std::fs::read_dir(out.join("cells")).map_or(true, |entries| {
+        !entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+    });
+    let same_config = no_records
+        && std::fs::read_to_string(out.join(CONFIG_FILE))
+            .ok()
+            .as_deref()
+            == Some(config.as_str());
     write_atomic(&out.join(CONFIG_FILE), config.as_bytes())?;
     let store = Store::new(&out);
     store.set_aside_damaged()?;

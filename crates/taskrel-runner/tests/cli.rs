@@ -455,7 +455,7 @@ fn broken_model_files_and_impossible_lengths_are_named() {
                 "--text",
                 "hi",
             ],
-            "max_len 513 is outside 1..=512, the model's max_position_embeddings".into(),
+            "max_len 513 is outside 1..=512, the longest sequence the model's position table covers".into(),
         ),
         (
             vec![
