@@ -19,6 +19,7 @@ mod files;
 
 pub mod csv_text;
 pub mod mnist;
+pub mod samples;
 pub mod table;
 pub mod usps;
 
@@ -168,12 +169,66 @@ impl Splits {
         })
     }
 
+    /// The train and test splits, each with a label saying where it comes from.
+    ///
+    /// A dataset with one split on disk (the mirrored AG News test file) is divided
+    /// deterministically: a stratified split with [`DERIVED_TEST_FRACTION`] for test and seed
+    /// [`DERIVED_SPLIT_SEED`], so the two never overlap, and the labels say so.
+    pub fn train_test(&self) -> Result<TrainTest> {
+        let name = self.name;
+        if let (Some(train), Some(test)) = (&self.train, &self.test) {
+            return Ok(TrainTest {
+                train: train.clone(),
+                test: test.clone(),
+                train_label: format!("{name}/train"),
+                test_label: format!("{name}/test"),
+            });
+        }
+        let Some((only_name, only)) = self.iter().next() else {
+            return Err(Error::Invalid(format!("{name}: no split on disk")));
+        };
+        let (train, test) = only.split(DERIVED_TEST_FRACTION, DERIVED_SPLIT_SEED)?;
+        let derived = |split: &str| {
+            format!(
+                "{name}/{split} (derived: stratified {}/{} split of the {} split, the only one on disk, seed {DERIVED_SPLIT_SEED})",
+                100 - (DERIVED_TEST_FRACTION * 100.0).round() as u32,
+                (DERIVED_TEST_FRACTION * 100.0).round() as u32,
+                only_name.as_str()
+            )
+        };
+        Ok(TrainTest {
+            train,
+            test,
+            train_label: derived("train"),
+            test_label: derived("test"),
+        })
+    }
+
     /// Class names (shared by all splits).
     pub fn classes(&self) -> &[String] {
         self.iter()
             .next()
             .map_or(&[], |(_, d)| d.classes.as_slice())
     }
+}
+
+/// Share of the test split made when a dataset ships one split only.
+pub const DERIVED_TEST_FRACTION: f64 = 0.2;
+/// Seed of the split made when a dataset ships one split only.
+pub const DERIVED_SPLIT_SEED: u64 = 0;
+
+/// A dataset's train and test splits ([`Splits::train_test`]), each with a label for outputs
+/// and cache keys.
+#[derive(Clone, Debug)]
+pub struct TrainTest {
+    /// The training split.
+    pub train: Dataset,
+    /// The test split.
+    pub test: Dataset,
+    /// `name/train`, or how the split was derived.
+    pub train_label: String,
+    /// `name/test`, or how the split was derived.
+    pub test_label: String,
 }
 
 /// Loads every split of `name` found in `dir` (the folder holding that dataset's files).

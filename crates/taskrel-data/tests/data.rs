@@ -607,3 +607,59 @@ fn rotten_tomatoes_and_news_by_outlet_have_their_documented_counts() {
     );
     assert_eq!(total(&news), [474, 558, 355, 360, 276, 436, 436, 443, 485]);
 }
+
+#[test]
+fn a_user_csv_header_row_is_not_a_class_and_quoted_commas_stay_in_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write(
+        dir.path(),
+        "s.csv",
+        b"label,text\nA,\"one, two\"\nB,\"say \"\"hi\"\"\"\nA,\"two\nlines\"\n",
+    );
+    let sample = taskrel_data::samples::read(&csv).unwrap();
+    assert!(sample.labelled);
+    assert_eq!(sample.data.classes, ["A", "B"]);
+    assert_eq!(sample.data.labels, [0, 1, 0]);
+    let Inputs::Texts(texts) = &sample.data.inputs else {
+        panic!("texts expected");
+    };
+    assert_eq!(texts[0], "one, two");
+    assert_eq!(texts[1], "say \"hi\"");
+    assert_eq!(texts[2], "two\nlines");
+}
+
+#[test]
+fn a_held_out_part_is_drawn_per_class_and_disjoint_from_the_fitting_part() {
+    let data = toy(&[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2]);
+    let drawn = taskrel_data::samples::draw(&data, true, 30, 4);
+    assert_eq!(
+        drawn.len(),
+        17,
+        "at most 10 per class, all of each class here"
+    );
+    let (fit, eval) = taskrel_data::samples::hold_out(&data, &drawn, true, 0.3, 4).unwrap();
+    let count = |part: &[usize], c: u32| part.iter().filter(|&&i| data.labels[i] == c).count();
+    // round(0.3 * 5) = 2 (half away from zero), round(0.3 * 10) = 3, and a class of 2 keeps
+    // one to fit on.
+    assert_eq!(
+        [count(&eval, 0), count(&eval, 1), count(&eval, 2)],
+        [2, 3, 1]
+    );
+    assert_eq!(fit.len() + eval.len(), 17);
+    assert!(fit.iter().all(|i| !eval.contains(i)));
+    // Seeded: the same seed holds out the same samples, another seed others.
+    let again = taskrel_data::samples::hold_out(&data, &drawn, true, 0.3, 4).unwrap();
+    assert_eq!(again.1, eval);
+    let other = (0..8)
+        .map(|s| {
+            taskrel_data::samples::hold_out(&data, &drawn, true, 0.3, s)
+                .unwrap()
+                .1
+        })
+        .any(|e| e != eval);
+    assert!(other);
+    // A class with a single sample cannot be both fitted on and evaluated on.
+    let single = toy(&[0, 0, 1]);
+    let err = taskrel_data::samples::hold_out(&single, &[0, 1, 2], true, 0.3, 0).unwrap_err();
+    assert!(err.to_string().contains("class 1"), "{err}");
+}

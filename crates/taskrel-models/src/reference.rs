@@ -59,6 +59,25 @@ impl FromStr for ModelRef {
     }
 }
 
+impl ModelRef {
+    /// Image or text, without loading weights: `lenet200` and `.pth`/`.pt` files are image
+    /// models, `hf:` models and folders with `config.json` text models, and a taskrel
+    /// checkpoint says in its `taskrel.json`. A path that does not exist (a plan checked
+    /// without its files) is judged by its extension: `.pth`/`.pt` image, anything else text.
+    pub fn modality(&self) -> Result<taskrel_data::Modality> {
+        use taskrel_data::Modality;
+        let is_pth = |p: &Path| p.extension().is_some_and(|e| e == "pth" || e == "pt");
+        Ok(match self {
+            Self::Lenet200 => Modality::Image,
+            Self::Hub(_) => Modality::Text,
+            Self::Path(p) if p.is_dir() && p.join(SPEC_FILE).is_file() => read_spec(p)?.1.modality,
+            Self::Path(p) if p.is_dir() => Modality::Text,
+            Self::Path(p) if p.exists() || is_pth(p) => Modality::Image,
+            Self::Path(_) => Modality::Text,
+        })
+    }
+}
+
 impl fmt::Display for ModelRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -349,12 +368,18 @@ fn load_pth(path: &Path, options: &LoadOptions) -> Result<Model> {
 }
 
 /// Loads a folder written by [`Model::save`].
-fn load_checkpoint(dir: &Path, options: &LoadOptions) -> Result<Model> {
+/// The `taskrel.json` of a checkpoint folder, and its path.
+fn read_spec(dir: &Path) -> Result<(PathBuf, ModelSpec)> {
     let spec_path = dir.join(SPEC_FILE);
     let text =
         std::fs::read_to_string(&spec_path).map_err(|e| Error::file(&spec_path, e.to_string()))?;
     let spec: ModelSpec = serde_json::from_str(&text)
         .map_err(|e| Error::file(&spec_path, format!("invalid model spec: {e}")))?;
+    Ok((spec_path, spec))
+}
+
+fn load_checkpoint(dir: &Path, options: &LoadOptions) -> Result<Model> {
+    let (spec_path, spec) = read_spec(dir)?;
     let model = match spec.arch {
         Arch::Bert => build_text(spec, &dir.join("tokenizer.json"), &spec_path, options)?,
         _ => build(spec, options)?,

@@ -32,7 +32,7 @@ use taskrel_models::train::{self, TrainConfig};
 use taskrel_models::{LoadOptions, Model, ModelRef};
 use taskrel_score::{FeatureSet, Samples};
 
-use crate::sweep::{Cell, DataRef, Plan, Source};
+use crate::sweep::{Cell, DataRef, Settings, Source, Target};
 use taskrel_score::{ScoreInputs, ScoreKind};
 
 /// Bump when cached content would change for the same key (2: end-to-end fine-tuning of
@@ -239,21 +239,25 @@ pub fn clean_stale_temps(dir: &Path) -> anyhow::Result<usize> {
 /// Runs cells, holding loaded datasets and cache locations.
 #[derive(Debug)]
 pub struct Engine<'a> {
-    plan: &'a Plan,
+    sources: &'a BTreeMap<String, Source>,
+    settings: Settings<'a>,
     data_root: PathBuf,
     cache: PathBuf,
     device: Device,
     /// Where `hf:` models missing from the cache are downloaded from; `None`: never.
     hub: Option<taskrel_models::hub::Download>,
     datasets: HashMap<DataRef, (Dataset, Dataset)>,
-    sources: HashMap<(String, u64), ReadySource>,
+    /// Sources made ready, by name and training seed.
+    ready: HashMap<(String, u64), ReadySource>,
     /// Seconds spent per stage in this process.
     pub stage_seconds: BTreeMap<String, f64>,
 }
 
 impl<'a> Engine<'a> {
+    /// An engine for validated `sources` ([`crate::sweep::sources`]) with `settings`.
     pub fn new(
-        plan: &'a Plan,
+        sources: &'a BTreeMap<String, Source>,
+        settings: Settings<'a>,
         data_root: &Path,
         cache: &Path,
         device: Device,
@@ -264,13 +268,14 @@ impl<'a> Engine<'a> {
             let _ = clean_stale_temps(&cache.join(sub));
         }
         Self {
-            plan,
+            sources,
+            settings,
             data_root: data_root.to_path_buf(),
             cache: cache.to_path_buf(),
             device,
             hub,
             datasets: HashMap::new(),
-            sources: HashMap::new(),
+            ready: HashMap::new(),
             stage_seconds: BTreeMap::new(),
         }
     }
@@ -279,7 +284,7 @@ impl<'a> Engine<'a> {
         LoadOptions {
             device: self.device.clone(),
             seed,
-            max_len: self.plan.sweep.max_len,
+            max_len: self.settings.max_len,
             hub_cache: None,
             hub_download: self.hub.clone(),
             layers,
@@ -324,7 +329,7 @@ impl<'a> Engine<'a> {
     fn source(&mut self, source: &Source, cell_seed: u64) -> anyhow::Result<ReadySource> {
         // A fixed source is the same model for every cell.
         let seed = source.pretrain.seed.unwrap_or(cell_seed);
-        if let Some(ready) = self.sources.get(&(source.name.clone(), seed)) {
+        if let Some(ready) = self.ready.get(&(source.name.clone(), seed)) {
             return Ok(ready.clone());
         }
         let base: ModelRef = source.from.parse()?;
@@ -353,11 +358,11 @@ impl<'a> Engine<'a> {
                 ready
             }
             Some(train_on) => {
-                let cfg: TrainConfig = source.pretrain.config(&self.plan.sweep.pretrain, seed);
+                let cfg: TrainConfig = source.pretrain.config(self.settings.pretrain, seed);
                 let key = sha256_hex(
                     serde_json::to_string(&json!({
                         "version": CACHE_VERSION, "base": base_hash, "train_on": train_on.to_string(),
-                        "config": cfg, "max_len": self.plan.sweep.max_len,
+                        "config": cfg, "max_len": self.settings.max_len,
                     }))?
                     .as_bytes(),
                 );
@@ -379,7 +384,7 @@ impl<'a> Engine<'a> {
                 }
             }
         };
-        self.sources
+        self.ready
             .insert((source.name.clone(), seed), ready.clone());
         Ok(ready)
     }
@@ -426,7 +431,7 @@ impl<'a> Engine<'a> {
     /// The test split a source is evaluated on: `measure.test_per_class` per class (seed 0)
     /// when set, else all of it.
     fn source_test_set(&mut self, name: &DataRef) -> anyhow::Result<Dataset> {
-        let per_class = self.plan.sweep.measure.test_per_class;
+        let per_class = self.settings.measure.test_per_class;
         let test = &self.dataset(name)?.1;
         Ok(match per_class {
             Some(n) => test.select(&test.sample_at_most_per_class(n, 0))?,
@@ -445,8 +450,7 @@ impl<'a> Engine<'a> {
         let path = self.cache.join("source-eval").join(format!(
             "{hash}-{}-{}.json",
             reference.file_key(),
-            self.plan
-                .sweep
+            self.settings
                 .measure
                 .test_per_class
                 .map_or("all".to_string(), |n| n.to_string())
@@ -529,21 +533,27 @@ impl<'a> Engine<'a> {
         Ok(set)
     }
 
-    /// Runs one cell of the plan: scores on the target's train split, then fine-tuning
+    /// Runs one cell of a plan: `scores` on the target's train split, then fine-tuning
     /// measured on its test split; `stage` is told what is happening.
-    pub fn run_cell(&mut self, cell: &Cell, stage: &dyn Fn(&str)) -> anyhow::Result<Row> {
-        let plan = self.plan;
-        let (sample, target_train, target_test) = self.target_sample(cell)?;
-        let (mut row, ready) = self.score_cell(cell, &plan.scores, &sample, stage)?;
-        let test_set = match plan.sweep.measure.test_per_class {
+    pub fn run_cell(
+        &mut self,
+        cell: &Cell,
+        target: &Target,
+        scores: &[ScoreKind],
+        stage: &dyn Fn(&str),
+    ) -> anyhow::Result<Row> {
+        let settings = self.settings;
+        let (sample, target_train, target_test) = self.target_sample(cell, target)?;
+        let (mut row, ready) = self.score_cell(cell, scores, &sample, stage)?;
+        let test_set = match settings.measure.test_per_class {
             Some(n) => target_test.select(&target_test.sample_at_most_per_class(n, cell.seed))?,
             None => target_test,
         };
-        for &mode in &plan.sweep.measure.modes {
+        for &mode in &settings.measure.modes {
             stage(&format!("fine-tune {}", mode.as_str()));
             let t = Instant::now();
             let mut model = self.load_ready(&ready, cell.seed)?;
-            let mut cfg = plan.sweep.finetune.clone();
+            let mut cfg = settings.finetune.clone();
             cfg.seed = cell.seed;
             train::fine_tune(&mut model, &target_train, mode, &cfg, true)?;
             let eval = train::evaluate(&model, &test_set, 256, true)?;
@@ -561,11 +571,12 @@ impl<'a> Engine<'a> {
     pub fn rescore_cell(
         &mut self,
         cell: &Cell,
+        target: &Target,
         scores: &[ScoreKind],
         row: &mut Row,
         stage: &dyn Fn(&str),
     ) -> anyhow::Result<()> {
-        let (sample, _, _) = self.target_sample(cell)?;
+        let (sample, _, _) = self.target_sample(cell, target)?;
         let (fresh, _) = self.score_cell(cell, scores, &sample, stage)?;
         for kind in scores {
             for col in kind.columns() {
@@ -591,9 +602,11 @@ impl<'a> Engine<'a> {
     /// reference task is the same dataset never shares a sample with the reference sample.
     /// The fitting sample is `target_per_class` per class of the train split's half, the
     /// evaluation sample at most as many of the test split's half.
-    fn target_sample(&mut self, cell: &Cell) -> anyhow::Result<(TargetSample, Dataset, Dataset)> {
-        let plan = self.plan;
-        let target = &plan.targets[&cell.target];
+    fn target_sample(
+        &mut self,
+        cell: &Cell,
+        target: &Target,
+    ) -> anyhow::Result<(TargetSample, Dataset, Dataset)> {
         let (target_train, target_test) = {
             let (train_set, test_set) = self.dataset(&target.dataset)?;
             match &target.classes {
@@ -614,7 +627,7 @@ impl<'a> Engine<'a> {
                 target_pool(test_set, classes)?,
             )
         };
-        let per_class = plan.sweep.score.target_per_class;
+        let per_class = self.settings.score.target_per_class;
         let sample = TargetSample {
             indices: fit_pool.sample_per_class(per_class, cell.seed)?,
             label: format!("{}/train odd half, classes {subset}", target.dataset),
@@ -637,7 +650,7 @@ impl<'a> Engine<'a> {
         reference: &DataRef,
         seed: u64,
     ) -> anyhow::Result<(FeatureSet, FeatureSet)> {
-        let per_class = self.plan.sweep.score.reference_per_class;
+        let per_class = self.settings.score.reference_per_class;
         let (train_half, test_half) = {
             let (train, test) = self.dataset(reference)?;
             (reference_pool(train)?, reference_pool(test)?)
@@ -669,8 +682,13 @@ impl<'a> Engine<'a> {
         sample: &TargetSample,
         stage: &dyn Fn(&str),
     ) -> anyhow::Result<(Row, ReadySource)> {
-        let plan = self.plan;
-        let source = &plan.sources[&cell.model];
+        let settings = self.settings;
+        let source = self.sources.get(&cell.model).with_context(|| {
+            format!(
+                "cell {}: model {} is not one of the engine's sources",
+                cell.id, cell.model
+            )
+        })?;
         let mut row = Row::new();
         row.insert("cell".into(), json!(cell.id));
         row.insert("model".into(), json!(cell.model));
@@ -740,7 +758,7 @@ impl<'a> Engine<'a> {
                         .as_ref()
                         .and_then(|p| p.as_deref())
                         .map(|p| (p, p.len() / tgt_fit.n.max(1))),
-                    relatedness: &plan.sweep.score.relatedness,
+                    relatedness: &settings.score.relatedness,
                     seed: cell.seed,
                     device: &self.device,
                 };

@@ -113,46 +113,18 @@ impl TrainArgs {
     }
 }
 
-/// Seed and share of the deterministic split made when a dataset ships one split only (the
-/// mirrored AG News test file): 80 % train, 20 % test, stratified, seed 0.
-const DERIVED_SPLIT_SEED: u64 = 0;
-const DERIVED_TEST_FRACTION: f64 = 0.2;
-
-/// Loads the train and test splits of a dataset, with a label for each. A dataset with only
-/// one split on disk is divided deterministically, so the two never overlap.
-pub fn train_test(
-    name: DatasetName,
-    root: &Path,
-) -> anyhow::Result<((Dataset, String), (Dataset, String))> {
-    let splits = taskrel_data::load(name, root)?;
-    if let (Some(train), Some(test)) = (&splits.train, &splits.test) {
-        return Ok((
-            (train.clone(), format!("{name}/train")),
-            (test.clone(), format!("{name}/test")),
-        ));
-    }
-    let (only_name, only) = splits.iter().next().context("no split on disk")?;
-    let (train, test) = only.split(DERIVED_TEST_FRACTION, DERIVED_SPLIT_SEED)?;
-    let derived = |split: &str| {
-        format!(
-            "{name}/{split} (derived: stratified 80/20 split of the {} split, the only one on disk, seed 0)",
-            only_name.as_str()
-        )
-    };
-    Ok(((train, derived("train")), (test, derived("test"))))
-}
-
-/// Loads one split (see [`train_test`]).
+/// Loads one split (see [`taskrel_data::Splits::train_test`]), with a label saying where it
+/// comes from.
 pub fn load_split(args: &DataArgs, split: SplitName) -> anyhow::Result<(Dataset, String)> {
     let root = args
         .root
         .clone()
         .unwrap_or_else(|| args.data_root.join(args.dataset.as_str()));
-    let (train, test) = train_test(args.dataset, &root)?;
+    let both = taskrel_data::load(args.dataset, &root)?.train_test()?;
     Ok(if split == SplitName::Train {
-        train
+        (both.train, both.train_label)
     } else {
-        test
+        (both.test, both.test_label)
     })
 }
 

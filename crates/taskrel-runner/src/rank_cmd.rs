@@ -9,18 +9,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use serde_saphyr::Spanned;
-use taskrel_data::{Dataset, DatasetName, Images, Inputs, Modality};
+use taskrel_data::{Dataset, DatasetName, Modality, samples};
 use taskrel_models::train::TrainConfig;
 
 use crate::engine::{Engine, Row, TargetSample, sha256_hex, write_atomic};
 use crate::sweep::{
-    Cell, CsvDef, Grid, MeasureDef, ModelDef, ScoreDef, ScoreKind, Sweep, TargetDef, unplaced,
+    self, Cell, CsvDef, MeasureDef, ModelDef, ScoreDef, ScoreKind, Settings, Source,
 };
 
 /// A zoo file as written.
@@ -127,382 +124,104 @@ fn verdict(bound: f64, labelled: bool, calibrated: bool) -> &'static str {
     }
 }
 
-/// Reads a user's own samples: a folder of images (one sub-folder per class, or images
-/// directly inside for an unlabeled sample) or a CSV of texts (`text` or `label,text` rows).
-fn read_samples(path: &Path) -> anyhow::Result<(Dataset, bool)> {
-    if path.is_file() {
-        return read_text_csv(path);
+impl Zoo {
+    /// Reads and parses a zoo file; returns it with its text (to place errors).
+    pub fn read(path: &Path) -> anyhow::Result<(Self, String)> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let zoo: Zoo = crate::yaml::parse(&text, path)?;
+        Ok((zoo, text))
     }
-    if !path.is_dir() {
-        bail!("{}: no such file or folder", path.display());
-    }
-    let mut subdirs: Vec<PathBuf> = Vec::new();
-    let mut files: Vec<PathBuf> = Vec::new();
-    for entry in std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
-        let p = entry?.path();
-        if p.is_dir() {
-            subdirs.push(p);
-        } else if is_image(&p) {
-            files.push(p);
-        }
-    }
-    subdirs.sort();
-    files.sort();
-    let labelled = !subdirs.is_empty();
-    let root = path
-        .canonicalize()
-        .with_context(|| format!("resolving {}", path.display()))?;
-    let mut labelled_files: Vec<(PathBuf, u32)> = Vec::new();
-    let mut classes = Vec::new();
-    if labelled {
-        for (c, dir) in subdirs.iter().enumerate() {
-            classes.push(
-                dir.file_name()
-                    .map(|s| s.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-            );
-            let resolved = dir
-                .canonicalize()
-                .with_context(|| format!("resolving {}", dir.display()))?;
-            if !resolved.starts_with(&root) {
-                bail!(
-                    "{}: the class folder points outside the sample folder (to {})",
-                    dir.display(),
-                    resolved.display()
-                );
-            }
-            let mut inner: Vec<PathBuf> = std::fs::read_dir(dir)
-                .with_context(|| format!("listing {}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| is_image(p))
-                .collect();
-            if inner.is_empty() {
-                bail!(
-                    "{}: the class folder holds no .png/.jpg/.jpeg images",
-                    dir.display()
-                );
-            }
-            inner.sort();
-            labelled_files.extend(inner.into_iter().map(|p| (p, c as u32)));
-        }
-    } else {
-        classes.push("unlabeled".to_string());
-        labelled_files.extend(files.into_iter().map(|p| (p, 0)));
-    }
-    if labelled_files.is_empty() {
-        bail!(
-            "{}: no .png/.jpg/.jpeg images found (expected one sub-folder per class, or images directly inside)",
-            path.display()
-        );
-    }
-    let mut pixels = Vec::new();
-    let mut labels = Vec::new();
-    let mut shape: Option<(u32, u32, usize)> = None;
-    for (file, label) in &labelled_files {
-        let img = image::open(file).with_context(|| format!("decoding {}", file.display()))?;
-        let channels = if img.color().has_color() { 3 } else { 1 };
-        let (w, h) = (img.width(), img.height());
-        match shape {
-            None => shape = Some((w, h, channels)),
-            Some(s) if s != (w, h, channels) => bail!(
-                "{}: {w}x{h} with {channels} channel(s), but the first image is {}x{} with {} channel(s); \
-                 resize the sample to one size",
-                file.display(),
-                s.0,
-                s.1,
-                s.2
-            ),
-            Some(_) => {}
-        }
-        if channels == 3 {
-            // Channel-first (C, H, W), as the datasets store images.
-            let rgb = img.to_rgb8();
-            for c in 0..3 {
-                pixels.extend(rgb.pixels().map(|p| p.0[c]));
-            }
-        } else {
-            pixels.extend(img.to_luma8().into_raw());
-        }
-        labels.push(*label);
-    }
-    let (w, h, channels) = shape.context("no images")?;
-    let images = Images {
-        pixels,
-        n: labels.len(),
-        channels,
-        height: h as usize,
-        width: w as usize,
-    };
-    Ok((
-        Dataset {
-            inputs: Inputs::Images(images),
-            labels,
-            classes,
-        },
-        labelled,
-    ))
-}
 
-fn is_image(p: &Path) -> bool {
-    matches!(
-        p.extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase())
-            .as_deref(),
-        Some("png" | "jpg" | "jpeg")
-    )
-}
+    /// Validates the zoo before any compute (as a sweep's models, datasets and settings are):
+    /// its sources and requested scores. Models without a reference task are allowed and get
+    /// no task-relatedness.
+    pub fn validate(
+        &self,
+        path: &Path,
+        text: &str,
+        data_root: &Path,
+    ) -> anyhow::Result<(BTreeMap<String, Source>, Vec<ScoreKind>)> {
+        sweep::check_name(path, &self.name)?;
+        sweep::check_keys(
+            path,
+            self.models
+                .iter()
+                .map(|(k, d)| ("models", k, &d.from))
+                .chain(self.datasets.iter().map(|(k, d)| ("datasets", k, &d.csv))),
+        )?;
+        let (finetune, measure) = (TrainConfig::default(), MeasureDef::default());
+        self.settings(&finetune, &measure).check(path, text)?;
+        let defined = sweep::csv_datasets(path, &self.datasets, data_root, true)?;
+        let sources = sweep::sources(path, text, &self.models, &defined, data_root, true)?;
+        let scores = sweep::scores(path, &self.score.scores)?;
+        Ok((sources, scores))
+    }
 
-fn read_text_csv(path: &Path) -> anyhow::Result<(Dataset, bool)> {
-    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(raw.as_slice());
-    let mut texts = Vec::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut labels = Vec::new();
-    let mut labelled: Option<bool> = None;
-    let (mut last_line, mut last_start) = (1, 0);
-    for rec in reader.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map_or(last_line, |p| p.line());
-            anyhow::anyhow!("{}: line {line}: {e}", path.display())
-        })?;
-        let line = rec.position().map_or(last_line, |p| p.line());
-        last_line = line;
-        last_start = rec.position().map_or(last_start, |p| p.byte() as usize);
-        let place = || format!("{}: line {line}", path.display());
-        // A header row names the columns; it is not a sample.
-        let fields: Vec<String> = rec.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
-        if texts.is_empty() && (fields == ["label", "text"] || fields == ["text"]) {
-            continue;
+    /// The zoo's settings; it fine-tunes nothing, so `finetune` and `measure` are the caller's
+    /// defaults.
+    fn settings<'a>(&'a self, finetune: &'a TrainConfig, measure: &'a MeasureDef) -> Settings<'a> {
+        Settings {
+            max_len: self.max_len,
+            pretrain: &self.pretrain,
+            finetune,
+            measure,
+            score: &self.score,
         }
-        if rec.len() > 2 {
-            bail!(
-                "{}: expected `label,text` or `text`, got {} fields (quote a text that holds commas)",
-                place(),
-                rec.len()
-            );
-        }
-        let this_labelled = rec.len() == 2;
-        if *labelled.get_or_insert(this_labelled) != this_labelled {
-            bail!(
-                "{}: expected {} field(s) like the first row (`label,text` or `text`)",
-                place(),
-                if this_labelled { 1 } else { 2 }
-            );
-        }
-        let text = rec[rec.len() - 1].to_string();
-        if text.trim().is_empty() {
-            bail!("{}: the text is empty", place());
-        }
-        if this_labelled {
-            let name = rec[0].trim().to_string();
-            if name.is_empty() {
-                bail!("{}: the label is empty", place());
-            }
-            let id = match names.iter().position(|n| *n == name) {
-                Some(id) => id,
-                None => {
-                    names.push(name);
-                    names.len() - 1
-                }
-            };
-            labels.push(id as u32);
-        } else {
-            labels.push(0);
-        }
-        texts.push(text);
-    }
-    // A quoted field left open swallows the rest of the file into the last record.
-    if taskrel_data::table::quote_left_open(&raw[last_start.min(raw.len())..]) {
-        bail!(
-            "{}: line {last_line}: a quoted field is not closed before the end of the file",
-            path.display()
-        );
-    }
-    if texts.is_empty() {
-        bail!("{}: no rows", path.display());
-    }
-    let labelled = labelled.unwrap_or(false);
-    Ok((
-        Dataset {
-            inputs: Inputs::Texts(texts),
-            labels,
-            classes: if labelled {
-                names
-            } else {
-                vec!["unlabeled".into()]
-            },
-        },
-        labelled,
-    ))
-}
-
-/// The target sample: `budget` samples (stratified when labels are used, a seeded random
-/// draw otherwise).
-fn draw(data: &Dataset, labelled: bool, budget: usize, seed: u64) -> anyhow::Result<Vec<usize>> {
-    if labelled {
-        let per_class = (budget / data.num_classes().max(1)).max(2);
-        Ok(data.sample_at_most_per_class(per_class, seed))
-    } else {
-        let mut all: Vec<usize> = (0..data.len()).collect();
-        all.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        all.truncate(budget);
-        all.sort_unstable();
-        Ok(all)
     }
 }
 
-/// Splits the drawn sample into fitting and evaluation parts (seeded; per class when labels
-/// are used): task-relatedness is fitted on the first and reported on the second.
-fn hold_out(
-    data: &Dataset,
-    drawn: &[usize],
-    labelled: bool,
-    seed: u64,
-) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
-    let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for &i in drawn {
-        groups
-            .entry(if labelled { data.labels[i] } else { 0 })
-            .or_default()
-            .push(i);
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0xe7a1));
-    let (mut fit, mut eval) = (Vec::new(), Vec::new());
-    for (class, mut members) in groups {
-        if members.len() < 2 && !labelled {
-            bail!(
-                "the sample holds {} item(s): at least two are needed, one to fit on and one to evaluate on",
-                members.len()
-            );
-        }
-        if members.len() < 2 {
-            bail!(
-                "class {class} ({}) has {} sample(s) in the drawn sample: at least two are needed, one to fit on and one to evaluate on",
-                data.classes
-                    .get(class as usize)
-                    .map_or("unnamed", String::as_str),
-                members.len()
-            );
-        }
-        members.shuffle(&mut rng);
-        let n_eval = ((members.len() as f64 * crate::relatedness_cmd::EVAL_FRACTION).round()
-            as usize)
-            .clamp(1, members.len() - 1);
-        eval.extend_from_slice(&members[..n_eval]);
-        fit.extend_from_slice(&members[n_eval..]);
-    }
-    fit.sort_unstable();
-    eval.sort_unstable();
-    Ok((fit, eval))
-}
-
-/// `taskrel rank`.
-pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&opts.zoo)
-        .with_context(|| format!("reading {}", opts.zoo.display()))?;
-    let zoo: Zoo = crate::yaml::parse(&text, &opts.zoo)?;
-    let (data, labelled_data, what, modality) = match (&opts.target, &opts.samples) {
+/// The target sample and what it is called in outputs: a fetched dataset's train split (its
+/// odd half, as sweeps score targets, so that it never overlaps a reference sample of the
+/// same dataset, the even half), or the user's own files.
+fn target_data(opts: &RankOptions) -> anyhow::Result<(Dataset, bool, String, Modality)> {
+    match (&opts.target, &opts.samples) {
         (Some(name), None) => {
             let root = opts
                 .root
                 .clone()
                 .unwrap_or_else(|| opts.data_root.join(name.as_str()));
-            // The odd half of the train split, as sweeps score targets, so that the sample
-            // never overlaps a reference sample of the same dataset (the even half).
-            let ((train, label), _) = crate::model_cmd::train_test(*name, &root)?;
-            (
-                crate::engine::target_pool(&train, None)?,
+            let both = taskrel_data::load(*name, &root)?.train_test()?;
+            Ok((
+                crate::engine::target_pool(&both.train, None)?,
                 true,
-                format!("{label}, odd half"),
+                format!("{}, odd half", both.train_label),
                 name.modality(),
-            )
+            ))
         }
         (None, Some(path)) => {
-            let (data, labelled) = read_samples(path)?;
-            let modality = data.modality();
-            (
-                data,
-                labelled,
+            let sample = samples::read(path)?;
+            let modality = sample.data.modality();
+            Ok((
+                sample.data,
+                sample.labelled,
                 format!("samples {}", path.display()),
                 modality,
-            )
+            ))
         }
         _ => bail!("give either --target <dataset> or --samples <folder or csv>"),
-    };
-    let labelled = labelled_data && !opts.unlabeled;
-    // A stand-in target of the right modality makes the zoo a one-target sweep; its data are
-    // never read, the sample above is scored instead.
-    let stand_in = match modality {
-        Modality::Image => "mnist",
-        Modality::Text => "ag_news",
-    };
-    let requested: Vec<ScoreKind> = zoo
-        .score
-        .scores
-        .iter()
-        .map(|s| {
-            ScoreKind::parse(&s.value).ok_or_else(|| {
-                let loc = s.referenced;
-                anyhow::anyhow!(
-                    "{}:{}:{}: score.scores: unknown score {:?}; expected one of {}",
-                    opts.zoo.display(),
-                    loc.line(),
-                    loc.column(),
-                    s.value,
-                    ScoreKind::names().join(", ")
-                )
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let scores: Vec<ScoreKind> = if labelled {
-        requested
-            .iter()
-            .copied()
-            .filter(|k| *k != ScoreKind::RelatednessUnlabeled)
-            .collect()
-    } else {
-        vec![ScoreKind::RelatednessUnlabeled]
-    };
-    // The plan validates models and targets only: models without a reference task are
-    // allowed here and get no task-relatedness.
-    let mut score_def = zoo.score;
-    score_def.scores.clear();
-    let sweep = Sweep {
-        name: zoo.name,
-        description: zoo.description,
-        targets: BTreeMap::from([(
-            "target".to_string(),
-            TargetDef {
-                dataset: unplaced(stand_in.to_string()),
-                classes: None,
-            },
-        )]),
-        grid: Grid {
-            model: zoo.models.keys().map(|k| unplaced(k.clone())).collect(),
-            target: vec![unplaced("target".to_string())],
-            seed: vec![opts.seed],
-        },
-        models: zoo.models,
-        datasets: zoo.datasets,
-        exclude: Vec::new(),
-        pretrain: zoo.pretrain,
-        finetune: TrainConfig::default(),
-        measure: MeasureDef::default(),
-        score: score_def,
-        correlations: Vec::new(),
-        max_len: zoo.max_len,
-        text: text.clone(),
-    };
-    let plan = sweep.plan(&opts.zoo, &opts.data_root, true)?;
-    let drawn = draw(&data, labelled, opts.budget, opts.seed)?;
-    let (indices, eval_indices) =
-        hold_out(&data, &drawn, labelled, opts.seed).with_context(|| what.clone())?;
+    }
+}
+
+/// The scored sample of `data`: `--budget` samples drawn, 30 % held out for task-relatedness's
+/// reported terms; its labels (cache keys) name the content.
+fn scored_sample(
+    data: Dataset,
+    labelled: bool,
+    what: &str,
+    opts: &RankOptions,
+) -> anyhow::Result<TargetSample> {
+    let drawn = samples::draw(&data, labelled, opts.budget, opts.seed);
+    let (indices, eval_indices) = samples::hold_out(
+        &data,
+        &drawn,
+        labelled,
+        crate::relatedness_cmd::EVAL_FRACTION,
+        opts.seed,
+    )
+    .with_context(|| what.to_string())?;
     let content = &sha256_hex(format!("{:?}", data.labels).as_bytes())[..16];
-    let sample = TargetSample {
+    Ok(TargetSample {
         label: format!(
             "{what} ({} fitting samples, content {content})",
             indices.len()
@@ -516,16 +235,49 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         eval_data: data.clone(),
         data,
         labelled,
+    })
+}
+
+/// `taskrel rank`.
+pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
+    let (zoo, text) = Zoo::read(&opts.zoo)?;
+    let (sources, requested) = zoo.validate(&opts.zoo, &text, &opts.data_root)?;
+    let (data, labelled_data, what, modality) = target_data(opts)?;
+    let labelled = labelled_data && !opts.unlabeled;
+    let scores: Vec<ScoreKind> = if labelled {
+        requested
+            .iter()
+            .copied()
+            .filter(|k| *k != ScoreKind::RelatednessUnlabeled)
+            .collect()
+    } else {
+        vec![ScoreKind::RelatednessUnlabeled]
     };
+    if let Some(source) = sources.values().find(|s| s.modality != modality) {
+        bail!(
+            "{}: model {} is a {} model but the target sample holds {}",
+            opts.zoo.display(),
+            source.name,
+            source.modality.as_str(),
+            match modality {
+                Modality::Image => "images",
+                Modality::Text => "texts",
+            }
+        );
+    }
+    let sample = scored_sample(data, labelled, &what, opts)?;
     let device = taskrel_models::device(&opts.device)?;
+    let (finetune, measure) = (TrainConfig::default(), MeasureDef::default());
     let mut engine = Engine::new(
-        &plan,
+        &sources,
+        zoo.settings(&finetune, &measure),
         &opts.data_root,
         &opts.cache,
         device,
         opts.hub.download(opts.quiet),
     );
-    let bar = ProgressBar::new(plan.cells.len() as u64);
+    let zoo_name = sweep::check_name(&opts.zoo, &zoo.name)?;
+    let bar = ProgressBar::new(sources.len() as u64);
     if opts.quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
@@ -534,15 +286,17 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut rows: Vec<Row> = Vec::new();
-    for cell in &plan.cells {
-        let stage = |s: &str| bar.set_message(format!("{}: {s}", cell.model));
+    for name in sources.keys() {
+        let stage = |s: &str| bar.set_message(format!("{name}: {s}"));
         let cell = Cell {
-            id: cell.model.clone(),
-            ..cell.clone()
+            id: name.clone(),
+            model: name.clone(),
+            target: "target".into(),
+            seed: opts.seed,
         };
         let (row, _) = engine
             .score_cell(&cell, &scores, &sample, &stage)
-            .with_context(|| format!("{what}: model {}", cell.model))?;
+            .with_context(|| format!("{what}: model {name}"))?;
         rows.push(row);
         bar.inc(1);
     }
@@ -603,7 +357,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
         })
         .collect();
     let report = json!({
-        "zoo": plan.name,
+        "zoo": zoo_name,
         "target": what,
         "n_target": sample.indices.len(),
         "n_target_eval": sample.eval_indices.len(),
@@ -613,7 +367,7 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     });
     let mut md = format!(
         "Ranking of zoo `{}` for {} ({} samples fitted on, {} held out for task-relatedness's reported terms; target labels {}), by {key} (smaller predicts better transfer)\n\n",
-        plan.name,
+        zoo_name,
         what,
         sample.indices.len(),
         sample.eval_indices.len(),
@@ -706,25 +460,5 @@ mod tests {
             verdict(1.0, true, false),
             "not calibrated for text (compare within the zoo)"
         );
-    }
-
-    #[test]
-    fn a_header_row_is_not_a_class_and_quoted_commas_stay_in_the_text() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let csv = dir.path().join("s.csv");
-        std::fs::write(
-            &csv,
-            "label,text\nA,\"one, two\"\nB,say \"\"hi\"\"\nA,\"two\nlines\"\n",
-        )?;
-        let (data, labelled) = read_text_csv(&csv)?;
-        assert!(labelled);
-        assert_eq!(data.classes, ["A", "B"]);
-        assert_eq!(data.labels, [0, 1, 0]);
-        let Inputs::Texts(texts) = &data.inputs else {
-            anyhow::bail!("texts expected");
-        };
-        assert_eq!(texts[0], "one, two");
-        assert_eq!(texts[2], "two\nlines");
-        Ok(())
     }
 }

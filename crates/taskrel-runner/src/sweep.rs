@@ -181,9 +181,8 @@ impl DataRef {
     ) -> anyhow::Result<(taskrel_data::Dataset, taskrel_data::Dataset)> {
         match self {
             Self::Named(d) => {
-                let ((train, _), (test, _)) =
-                    crate::model_cmd::train_test(*d, &data_root.join(d.as_str()))?;
-                Ok((train, test))
+                let both = taskrel_data::load(*d, &data_root.join(d.as_str()))?.train_test()?;
+                Ok((both.train, both.test))
             }
             Self::Csv(c) => {
                 let table = taskrel_data::table::load(&c.path, &c.spec)?;
@@ -457,7 +456,7 @@ fn dataset(
 }
 
 /// The file's `datasets:`, checked (the files themselves only when `check_files`).
-fn csv_datasets(
+pub fn csv_datasets(
     path: &Path,
     defs: &BTreeMap<String, CsvDef>,
     data_root: &Path,
@@ -572,7 +571,8 @@ fn known<V>(
     ))
 }
 
-/// Resolves a model's `from`, checking that local files exist.
+/// Resolves a model's `from`, checking that local files exist, and tells its modality
+/// ([`taskrel_models::ModelRef::modality`]).
 fn resolve_from(
     path: &Path,
     key: &str,
@@ -581,19 +581,13 @@ fn resolve_from(
     check_files: bool,
 ) -> anyhow::Result<(String, Modality)> {
     let value = from.value.as_str();
-    if value == "lenet200" {
-        return Ok((value.to_string(), Modality::Image));
-    }
-    if value.starts_with("hf:") {
-        return Ok((value.to_string(), Modality::Text));
-    }
-    if !check_files {
-        let modality = if value.ends_with(".pth") {
-            Modality::Image
-        } else {
-            Modality::Text
-        };
-        return Ok((value.to_string(), modality));
+    let modality = |resolved: &str| -> anyhow::Result<Modality> {
+        let reference: taskrel_models::ModelRef =
+            resolved.parse().map_err(|e| at(path, from, key, e))?;
+        reference.modality().map_err(|e| at(path, from, key, e))
+    };
+    if value == "lenet200" || value.starts_with("hf:") || !check_files {
+        return Ok((value.to_string(), modality(value)?));
     }
     let given = PathBuf::from(value);
     let resolved = [data_root.join(&given), given.clone()]
@@ -611,12 +605,9 @@ fn resolve_from(
             )
         })?;
     looks_like_a_model(&resolved).map_err(|m| at(path, from, key, m))?;
-    let modality = if resolved.is_dir() && resolved.join("config.json").is_file() {
-        Modality::Text
-    } else {
-        Modality::Image
-    };
-    Ok((resolved.display().to_string(), modality))
+    let resolved = resolved.display().to_string();
+    let modality = modality(&resolved)?;
+    Ok((resolved, modality))
 }
 
 /// Reads only headers: a `.pth` file must be a zip archive; a folder must hold a model
@@ -719,6 +710,255 @@ fn locate(text: &str, keys: &[&str]) -> Option<(usize, usize)> {
     found
 }
 
+/// An error at the key `keys` (a path of nested mapping keys) of the file `path` whose text is
+/// `text`, placed at its line and column when the file writes it, else at its closest written
+/// parent.
+pub fn error_at(
+    path: &Path,
+    text: &str,
+    keys: &[&str],
+    message: impl fmt::Display,
+) -> anyhow::Error {
+    let key = keys.join(".");
+    match locate(text, keys) {
+        Some((line, column)) => {
+            anyhow::anyhow!("{}:{line}:{column}: {key}: {message}", path.display())
+        }
+        None => anyhow::anyhow!("{}: {key}: {message}", path.display()),
+    }
+}
+
+/// The settings an [`Engine`](crate::engine::Engine) trains, scores and measures with: a
+/// sweep's, or a zoo's (which fine-tunes nothing and keeps `finetune` and `measure` at their
+/// defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings<'a> {
+    /// Longest token sequence for text models.
+    pub max_len: usize,
+    /// How sources with `train_on` are trained.
+    pub pretrain: &'a TrainConfig,
+    /// How targets are fine-tuned to measure accuracy.
+    pub finetune: &'a TrainConfig,
+    pub measure: &'a MeasureDef,
+    pub score: &'a ScoreDef,
+}
+
+impl Settings<'_> {
+    /// Counts, sizes and rates that cannot work, each placed in the file (`path`, `text`).
+    pub fn check(&self, path: &Path, text: &str) -> anyhow::Result<()> {
+        for (section, cfg) in [("pretrain", self.pretrain), ("finetune", self.finetune)] {
+            if let Some((field, message)) = cfg.problems().into_iter().next() {
+                return Err(error_at(path, text, &[section, field], message));
+            }
+        }
+        if self.measure.test_per_class == Some(0) {
+            return Err(error_at(
+                path,
+                text,
+                &["measure", "test_per_class"],
+                "expected a positive count, got 0",
+            ));
+        }
+        for (field, value) in [
+            ("reference_per_class", self.score.reference_per_class),
+            ("target_per_class", self.score.target_per_class),
+        ] {
+            if value < 2 {
+                return Err(error_at(
+                    path,
+                    text,
+                    &["score", field],
+                    format!("expected at least 2 samples per class, got {value}"),
+                ));
+            }
+        }
+        if let Some((field, message)) = self.score.relatedness.problems().into_iter().next() {
+            return Err(error_at(
+                path,
+                text,
+                &["score", "relatedness", field],
+                message,
+            ));
+        }
+        if self.max_len == 0 {
+            return Err(error_at(
+                path,
+                text,
+                &["max_len"],
+                "expected a positive length, got 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A results-folder name: letters, digits, `_`, `-` or `.`, not starting with `.`.
+pub fn check_name(path: &Path, name: &Spanned<String>) -> anyhow::Result<String> {
+    let trimmed = name.value.trim();
+    if trimmed.is_empty()
+        || trimmed.starts_with('.')
+        || !trimmed
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(at(
+            path,
+            name,
+            "name",
+            "expected a folder name of letters, digits, '_', '-' or '.', not starting with '.'",
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// The keys of `section` (models, targets, datasets), each placed at `place`: letters,
+/// digits, `_` and `-` only.
+pub fn check_keys<'k>(
+    path: &Path,
+    keys: impl IntoIterator<Item = (&'static str, &'k String, &'k Spanned<String>)>,
+) -> anyhow::Result<()> {
+    for (section, key, place) in keys {
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(at(
+                path,
+                place,
+                &format!("{section}.{key}"),
+                "names may hold letters, digits, '_' and '-' only",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The file's `models:` validated into sources: `from` resolved (and its files checked when
+/// `check_files`), datasets known, modalities agreeing, budgets sensible.
+pub fn sources(
+    path: &Path,
+    text: &str,
+    models: &BTreeMap<String, ModelDef>,
+    defined: &BTreeMap<String, DataRef>,
+    data_root: &Path,
+    check_files: bool,
+) -> anyhow::Result<BTreeMap<String, Source>> {
+    let mut sources = BTreeMap::new();
+    for (key, def) in models {
+        let (from, modality) = resolve_from(
+            path,
+            &format!("models.{key}.from"),
+            &def.from,
+            data_root,
+            check_files,
+        )?;
+        let train_on = def
+            .train_on
+            .as_ref()
+            .map(|d| dataset(path, &format!("models.{key}.train_on"), d, defined))
+            .transpose()?;
+        let reference = match &def.reference {
+            Some(d) => Some(dataset(
+                path,
+                &format!("models.{key}.reference"),
+                d,
+                defined,
+            )?),
+            None => train_on.clone(),
+        };
+        if (def.layers.is_some() || def.random_init) && modality != Modality::Text {
+            return Err(at(
+                path,
+                &def.from,
+                &format!("models.{key}"),
+                "`layers` and `random_init` apply to BERT models only",
+            ));
+        }
+        if from == "lenet200" && train_on.is_none() {
+            return Err(at(
+                path,
+                &def.from,
+                &format!("models.{key}"),
+                "lenet200 is trained from scratch: give `train_on: <dataset>`",
+            ));
+        }
+        if train_on.is_none() && def.pretrain != SourceBudget::default() {
+            return Err(at(
+                path,
+                &def.from,
+                &format!("models.{key}.pretrain"),
+                "a training budget applies to models with `train_on` only",
+            ));
+        }
+        if def.pretrain.epochs == Some(0) || def.pretrain.per_class == Some(0) {
+            return Err(error_at(
+                path,
+                text,
+                &["models", key.as_str(), "pretrain"],
+                "expected positive `epochs` and `per_class`",
+            ));
+        }
+        for (what, d, spanned) in [
+            ("train_on", &train_on, &def.train_on),
+            ("reference", &reference, &def.reference),
+        ] {
+            if let (Some(d), Some(spanned)) = (d, spanned)
+                && d.modality() != modality
+            {
+                return Err(at(
+                    path,
+                    spanned,
+                    &format!("models.{key}.{what}"),
+                    format!(
+                        "{} is a {} model but {d} is a {} dataset",
+                        from,
+                        modality.as_str(),
+                        d.modality().as_str()
+                    ),
+                ));
+            }
+        }
+        sources.insert(
+            key.clone(),
+            Source {
+                name: key.clone(),
+                from,
+                modality,
+                train_on,
+                reference,
+                layers: def.layers,
+                random_init: def.random_init,
+                pretrain: def.pretrain.clone(),
+            },
+        );
+    }
+    Ok(sources)
+}
+
+/// The file's `score.scores`, each known, without repeats, in the order written.
+pub fn scores(path: &Path, names: &[Spanned<String>]) -> anyhow::Result<Vec<ScoreKind>> {
+    let mut scores = Vec::new();
+    for s in names {
+        let kind = ScoreKind::parse(&s.value).ok_or_else(|| {
+            at(
+                path,
+                s,
+                "score.scores",
+                format!(
+                    "unknown score {:?}; expected one of {}",
+                    s.value,
+                    ScoreKind::names().join(", ")
+                ),
+            )
+        })?;
+        if !scores.contains(&kind) {
+            scores.push(kind);
+        }
+    }
+    Ok(scores)
+}
+
 impl Sweep {
     /// Reads and parses a sweep file.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
@@ -729,192 +969,84 @@ impl Sweep {
         Ok(sweep)
     }
 
-    /// An error at the key `keys` (a path of nested mapping keys) of the file, placed at its
-    /// line and column when the file writes it, else at its closest written parent.
+    /// An error at the key `keys` of the file (see [`error_at`]).
     pub fn error_at(
         &self,
         path: &Path,
         keys: &[&str],
         message: impl fmt::Display,
     ) -> anyhow::Error {
-        let key = keys.join(".");
-        match locate(&self.text, keys) {
-            Some((line, column)) => {
-                anyhow::anyhow!("{}:{line}:{column}: {key}: {message}", path.display())
-            }
-            None => anyhow::anyhow!("{}: {key}: {message}", path.display()),
-        }
+        error_at(path, &self.text, keys, message)
     }
 
-    /// Counts, sizes and rates that cannot work, each placed in the file.
-    fn check_numbers(&self, path: &Path) -> anyhow::Result<()> {
-        for (section, cfg) in [("pretrain", &self.pretrain), ("finetune", &self.finetune)] {
-            if let Some((field, message)) = cfg.problems().into_iter().next() {
-                return Err(self.error_at(path, &[section, field], message));
-            }
+    /// The settings sources are trained, scored and measured with.
+    pub fn settings(&self) -> Settings<'_> {
+        Settings {
+            max_len: self.max_len,
+            pretrain: &self.pretrain,
+            finetune: &self.finetune,
+            measure: &self.measure,
+            score: &self.score,
         }
-        if self.measure.test_per_class == Some(0) {
-            return Err(self.error_at(
-                path,
-                &["measure", "test_per_class"],
-                "expected a positive count, got 0",
-            ));
-        }
-        for (field, value) in [
-            ("reference_per_class", self.score.reference_per_class),
-            ("target_per_class", self.score.target_per_class),
-        ] {
-            if value < 2 {
-                return Err(self.error_at(
-                    path,
-                    &["score", field],
-                    format!("expected at least 2 samples per class, got {value}"),
-                ));
-            }
-        }
-        if let Some((field, message)) = self.score.relatedness.problems().into_iter().next() {
-            return Err(self.error_at(path, &["score", "relatedness", field], message));
-        }
-        if self.max_len == 0 {
-            return Err(self.error_at(path, &["max_len"], "expected a positive length, got 0"));
-        }
-        Ok(())
     }
 
     /// Validates everything before any compute: names, datasets, files (when `check_files`),
     /// modalities.
     pub fn plan(self, path: &Path, data_root: &Path, check_files: bool) -> anyhow::Result<Plan> {
-        let name = self.name.value.trim();
-        if name.is_empty()
-            || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
-        {
-            return Err(at(
-                path,
-                &self.name,
-                "name",
-                "expected a folder name of letters, digits, '_', '-' or '.', not starting with '.'",
-            ));
-        }
-        for (section, key, place) in self
-            .models
-            .iter()
-            .map(|(k, d)| ("models", k, &d.from))
-            .chain(self.targets.iter().map(|(k, d)| ("targets", k, &d.dataset)))
-            .chain(self.datasets.iter().map(|(k, d)| ("datasets", k, &d.csv)))
-        {
-            if key.is_empty()
-                || !key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(at(
-                    path,
-                    place,
-                    &format!("{section}.{key}"),
-                    "names may hold letters, digits, '_' and '-' only",
-                ));
-            }
-        }
-        self.check_numbers(path)?;
+        let name = check_name(path, &self.name)?;
+        check_keys(
+            path,
+            self.models
+                .iter()
+                .map(|(k, d)| ("models", k, &d.from))
+                .chain(self.targets.iter().map(|(k, d)| ("targets", k, &d.dataset)))
+                .chain(self.datasets.iter().map(|(k, d)| ("datasets", k, &d.csv))),
+        )?;
+        self.settings().check(path, &self.text)?;
         let defined = csv_datasets(path, &self.datasets, data_root, check_files)?;
-        let mut sources = BTreeMap::new();
-        for (key, def) in &self.models {
-            let (from, modality) = resolve_from(
-                path,
-                &format!("models.{key}.from"),
-                &def.from,
-                data_root,
-                check_files,
-            )?;
-            let train_on = def
-                .train_on
-                .as_ref()
-                .map(|d| dataset(path, &format!("models.{key}.train_on"), d, &defined))
-                .transpose()?;
-            let reference = match &def.reference {
-                Some(d) => Some(dataset(
-                    path,
-                    &format!("models.{key}.reference"),
-                    d,
-                    &defined,
-                )?),
-                None => train_on.clone(),
-            };
-            if (def.layers.is_some() || def.random_init) && modality != Modality::Text {
-                return Err(at(
-                    path,
-                    &def.from,
-                    &format!("models.{key}"),
-                    "`layers` and `random_init` apply to BERT models only",
-                ));
-            }
-            if from == "lenet200" && train_on.is_none() {
-                return Err(at(
-                    path,
-                    &def.from,
-                    &format!("models.{key}"),
-                    "lenet200 is trained from scratch: give `train_on: <dataset>`",
-                ));
-            }
-            if train_on.is_none() && def.pretrain != SourceBudget::default() {
-                return Err(at(
-                    path,
-                    &def.from,
-                    &format!("models.{key}.pretrain"),
-                    "a training budget applies to models with `train_on` only",
-                ));
-            }
-            if def.pretrain.epochs == Some(0) || def.pretrain.per_class == Some(0) {
-                return Err(self.error_at(
-                    path,
-                    &["models", key.as_str(), "pretrain"],
-                    "expected positive `epochs` and `per_class`",
-                ));
-            }
-            for (what, d, spanned) in [
-                ("train_on", &train_on, &def.train_on),
-                ("reference", &reference, &def.reference),
-            ] {
-                if let (Some(d), Some(spanned)) = (d, spanned)
-                    && d.modality() != modality
-                {
-                    return Err(at(
-                        path,
-                        spanned,
-                        &format!("models.{key}.{what}"),
-                        format!(
-                            "{} is a {} model but {d} is a {} dataset",
-                            from,
-                            modality.as_str(),
-                            d.modality().as_str()
-                        ),
-                    ));
-                }
-            }
-            sources.insert(
-                key.clone(),
-                Source {
-                    name: key.clone(),
-                    from,
-                    modality,
-                    train_on,
-                    reference,
-                    layers: def.layers,
-                    random_init: def.random_init,
-                    pretrain: def.pretrain.clone(),
-                },
+        let sources = sources(
+            path,
+            &self.text,
+            &self.models,
+            &defined,
+            data_root,
+            check_files,
+        )?;
+        let targets = self.targets(path, &defined)?;
+        self.check_grid(path, &sources, &targets)?;
+        let scores = scores(path, &self.score.scores)?;
+        if self.measure.modes.is_empty() {
+            bail!(
+                "{}: measure.modes: expected linear_probe and/or full",
+                path.display()
             );
         }
+        let correlations = self.correlations(path, &scores)?;
+        let cells = self.cells(path, &sources, &targets, &scores)?;
+        Ok(Plan {
+            name,
+            sources,
+            targets,
+            cells,
+            scores,
+            correlations,
+            sweep: self,
+        })
+    }
+
+    /// The file's `targets:`: datasets known, class subsets within them.
+    fn targets(
+        &self,
+        path: &Path,
+        defined: &BTreeMap<String, DataRef>,
+    ) -> anyhow::Result<BTreeMap<String, Target>> {
         let mut targets = BTreeMap::new();
         for (key, def) in &self.targets {
             let d = dataset(
                 path,
                 &format!("targets.{key}.dataset"),
                 &def.dataset,
-                &defined,
+                defined,
             )?;
             if let Some(classes) = &def.classes {
                 let mut seen = classes.value.clone();
@@ -956,8 +1088,19 @@ impl Sweep {
                 },
             );
         }
-        let model_ref = |s: &Spanned<String>, key: &str| known(path, &sources, s, key, "model");
-        let target_ref = |s: &Spanned<String>, key: &str| known(path, &targets, s, key, "target");
+        Ok(targets)
+    }
+
+    /// `grid` and `exclude` name defined models and targets; there is a seed; seeds are the
+    /// grid's only.
+    fn check_grid(
+        &self,
+        path: &Path,
+        sources: &BTreeMap<String, Source>,
+        targets: &BTreeMap<String, Target>,
+    ) -> anyhow::Result<()> {
+        let model_ref = |s: &Spanned<String>, key: &str| known(path, sources, s, key, "model");
+        let target_ref = |s: &Spanned<String>, key: &str| known(path, targets, s, key, "target");
         for m in &self.grid.model {
             model_ref(m, "grid.model")?;
         }
@@ -981,30 +1124,11 @@ impl Sweep {
                 path.display()
             );
         }
-        let mut scores = Vec::new();
-        for s in &self.score.scores {
-            let kind = ScoreKind::parse(&s.value).ok_or_else(|| {
-                at(
-                    path,
-                    s,
-                    "score.scores",
-                    format!(
-                        "unknown score {:?}; expected one of {}",
-                        s.value,
-                        ScoreKind::names().join(", ")
-                    ),
-                )
-            })?;
-            if !scores.contains(&kind) {
-                scores.push(kind);
-            }
-        }
-        if self.measure.modes.is_empty() {
-            bail!(
-                "{}: measure.modes: expected linear_probe and/or full",
-                path.display()
-            );
-        }
+        Ok(())
+    }
+
+    /// The file's `correlations:`, each a column of `scores` against a measured mode.
+    fn correlations(&self, path: &Path, scores: &[ScoreKind]) -> anyhow::Result<Vec<Correlation>> {
         let mut correlations = Vec::new();
         for c in &self.correlations {
             // A score, or one of the terms it writes (e.g. `wasserstein` alone).
@@ -1055,6 +1179,18 @@ impl Sweep {
                 group_by,
             });
         }
+        Ok(correlations)
+    }
+
+    /// The grid's cells in plan order (model, then target, then seed), minus `exclude`; every
+    /// pair of one modality, every source with a reference task when a score needs one.
+    fn cells(
+        &self,
+        path: &Path,
+        sources: &BTreeMap<String, Source>,
+        targets: &BTreeMap<String, Target>,
+        scores: &[ScoreKind],
+    ) -> anyhow::Result<Vec<Cell>> {
         let mut cells = Vec::new();
         for m in &self.grid.model {
             let source = &sources[&m.value];
@@ -1109,19 +1245,27 @@ impl Sweep {
                 path.display()
             );
         }
-        Ok(Plan {
-            name: name.to_string(),
-            sources,
-            targets,
-            cells,
-            scores,
-            correlations,
-            sweep: self,
-        })
+        Ok(cells)
     }
 }
 
 impl Plan {
+    /// The settings sources are trained, scored and measured with.
+    pub fn settings(&self) -> Settings<'_> {
+        self.sweep.settings()
+    }
+
+    /// The target of a cell.
+    pub fn target(&self, cell: &Cell) -> anyhow::Result<&Target> {
+        self.targets.get(&cell.target).ok_or_else(|| {
+            anyhow::anyhow!(
+                "cell {}: target {} is not in the plan",
+                cell.id,
+                cell.target
+            )
+        })
+    }
+
     /// The cells of shard `index` (1-based) of `count`: every `count`-th cell in plan order.
     pub fn shard(&self, index: usize, count: usize) -> Vec<&Cell> {
         self.cells

@@ -370,7 +370,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let order: Vec<String> = plan.cells.iter().map(|c| c.id.clone()).collect();
     let columns = plan.columns();
     let mut engine = Engine::new(
-        &plan,
+        &plan.sources,
+        plan.settings(),
         &opts.data_root,
         &cache,
         device,
@@ -404,7 +405,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
                 let stage = |s: &str| bar.set_message(format!("{}: rescore {s}", cell.id));
                 let mut row = store.get(&cell.id)?;
                 engine
-                    .rescore_cell(cell, &rescore, &mut row, &stage)
+                    .rescore_cell(cell, plan.target(cell)?, &rescore, &mut row, &stage)
                     .with_context(|| format!("cell {}", cell.id))?;
                 store.put(&cell.id, &row)?;
                 rescored += 1;
@@ -435,7 +436,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
         let t = Instant::now();
         let stage = |s: &str| bar.set_message(format!("{}: {s}", cell.id));
         let mut row = engine
-            .run_cell(cell, &stage)
+            .run_cell(cell, plan.target(cell)?, &plan.scores, &stage)
             .with_context(|| format!("cell {}", cell.id))?;
         row.insert("seconds_total".into(), json!(t.elapsed().as_secs_f64()));
         store.put(&cell.id, &row)?;
