@@ -18,3 +18,4 @@ pub fn data_root() -> PathBuf {
     );
     root
 }
+pub mod fixtures;

@@ -1,13 +1,12 @@
-//! Specification of the data crate: real datasets load with their canonical counts, corrupt
-//! files fail with an error naming the file and the place, and sampling is deterministic.
+//! Specification of the data crate on inputs the tests write themselves (no downloads): corrupt
+//! files fail with an error naming the file and the place, sampling and splits are deterministic,
+//! users' own samples are read as documented, and the generated fixture datasets load.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
 use taskrel_data::{DatasetName, Error, Inputs, csv_text, load, table};
-use taskrel_testkit::data_root;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
@@ -47,80 +46,22 @@ fn error_of(name: DatasetName, dir: &Path, file: &str) -> String {
     msg
 }
 
-#[test]
-fn mnist_has_canonical_counts() {
-    let splits = load(DatasetName::Mnist, &data_root().join("mnist")).unwrap();
-    let train = splits.train.as_ref().unwrap();
-    let test = splits.test.as_ref().unwrap();
-    assert_eq!((train.len(), test.len()), (60_000, 10_000));
-    assert_eq!(
-        train.class_counts(),
-        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    );
-    let images = train.images().unwrap();
-    assert_eq!((images.channels, images.height, images.width), (1, 28, 28));
-    // The first training digit is a 5 (the well-known first MNIST sample).
-    assert_eq!(train.labels[0], 5);
+fn toy(labels: &[u32]) -> taskrel_data::Dataset {
+    taskrel_data::Dataset {
+        inputs: Inputs::Texts(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, y)| format!("{i}:{y}"))
+                .collect(),
+        ),
+        labels: labels.to_vec(),
+        classes: vec!["a".into(), "b".into(), "c".into()],
+    }
 }
 
-#[test]
-fn fashion_mnist_is_balanced() {
-    let splits = load(
-        DatasetName::FashionMnist,
-        &data_root().join("fashion_mnist"),
-    )
-    .unwrap();
-    assert_eq!(
-        splits.train.as_ref().unwrap().class_counts(),
-        vec![6000; 10]
-    );
-    assert_eq!(splits.test.as_ref().unwrap().class_counts(), vec![1000; 10]);
-    assert_eq!(splits.classes()[9], "Ankle boot");
-}
-
-#[test]
-fn usps_has_canonical_counts_and_mnist_pixel_convention() {
-    let splits = load(DatasetName::Usps, &data_root().join("usps")).unwrap();
-    let train = splits.train.as_ref().unwrap();
-    assert_eq!(
-        (train.len(), splits.test.as_ref().unwrap().len()),
-        (7291, 2007)
-    );
-    assert_eq!(
-        train.class_counts(),
-        [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
-    );
-    let images = train.images().unwrap();
-    assert_eq!((images.height, images.width), (16, 16));
-    // Background is -1 in the file and must become 0 as in MNIST; the first row of the
-    // first image starts with seven -1.0 values, then -0.631 -> floor(0.1845 * 255) = 47
-    // and 0.862 -> floor(0.931 * 255) = 237 (torchvision's truncating conversion).
-    assert_eq!(&images.image(0)[..9], &[0, 0, 0, 0, 0, 0, 0, 47, 237]);
-    let mean =
-        images.pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / images.pixels.len() as f64;
-    assert!(mean < 80.0, "mostly background expected, mean pixel {mean}");
-}
-
-#[test]
-fn ag_news_and_dbpedia_have_canonical_counts() {
-    let ag = load(DatasetName::AgNews, &data_root().join("ag_news")).unwrap();
-    assert!(ag.train.is_none());
-    assert_eq!(ag.test.as_ref().unwrap().class_counts(), vec![1900; 4]);
-    assert_eq!(ag.classes(), ["World", "Sports", "Business", "Sci/Tech"]);
-    let first = &ag.test.as_ref().unwrap().texts().unwrap()[0];
-    assert!(
-        first.starts_with("Fears for T N pension after talks Unions representing"),
-        "{first}"
-    );
-
-    let db = load(DatasetName::Dbpedia, &data_root().join("dbpedia")).unwrap();
-    let (train, test) = (db.train.as_ref().unwrap(), db.test.as_ref().unwrap());
-    assert_eq!(
-        (train.len(), test.len(), db.classes().len()),
-        (5000, 5000, 14)
-    );
-    // Empty titles: the text is the body alone, without the leading space of the file.
-    assert!(train.texts().unwrap()[0].starts_with("Mfumu'eto is a magazine"));
+fn table_spec(label: &str, texts: &[&str]) -> table::TableSpec {
+    table::TableSpec::new(label, texts.iter().map(|t| t.to_string()).collect())
 }
 
 #[test]
@@ -348,20 +289,6 @@ fn csv_quotes_escapes_and_multiline_fields() {
     );
 }
 
-fn toy(labels: &[u32]) -> taskrel_data::Dataset {
-    taskrel_data::Dataset {
-        inputs: Inputs::Texts(
-            labels
-                .iter()
-                .enumerate()
-                .map(|(i, y)| format!("{i}:{y}"))
-                .collect(),
-        ),
-        labels: labels.to_vec(),
-        classes: vec!["a".into(), "b".into(), "c".into()],
-    }
-}
-
 #[test]
 fn class_subsets_relabel_in_the_order_given() {
     let d = toy(&[0, 1, 2, 2, 1, 0]);
@@ -388,36 +315,6 @@ fn per_class_sampling_is_stratified_and_seeded() {
         msg,
         "class 0 (a) has 100 samples, 101 per class were asked for"
     );
-}
-
-#[test]
-fn seeded_split_is_stratified_disjoint_and_reproducible() {
-    let ag = load(DatasetName::AgNews, &data_root().join("ag_news")).unwrap();
-    let test = ag.test.unwrap();
-    let (train_a, test_a) = test.split(0.25, 7).unwrap();
-    let (train_b, test_b) = test.split(0.25, 7).unwrap();
-    assert_eq!(train_a, train_b);
-    assert_eq!(test_a, test_b);
-    assert_eq!(test_a.class_counts(), vec![475; 4]);
-    assert_eq!(train_a.class_counts(), vec![1425; 4]);
-    let mut all: Vec<&String> = train_a
-        .texts()
-        .unwrap()
-        .iter()
-        .chain(test_a.texts().unwrap())
-        .collect();
-    all.sort();
-    let mut original: Vec<&String> = test.texts().unwrap().iter().collect();
-    original.sort();
-    assert_eq!(all, original);
-    let shuffled = test.shuffled(1).unwrap();
-    assert_eq!(shuffled.class_counts(), test.class_counts());
-    assert_ne!(shuffled.labels, test.labels);
-    assert!(test.split(1.0, 0).is_err());
-}
-
-fn table_spec(label: &str, texts: &[&str]) -> table::TableSpec {
-    table::TableSpec::new(label, texts.iter().map(|t| t.to_string()).collect())
 }
 
 #[test]
@@ -556,59 +453,6 @@ fn labelled_text_csv_errors_name_the_file_line_and_column() {
 }
 
 #[test]
-fn rotten_tomatoes_and_news_by_outlet_have_their_documented_counts() {
-    let root = data_root();
-    // ../shared/data/README.md: fresh 7,403, rotten 5,405, plot 1,097 (13,905 rows).
-    let spec = table::TableSpec {
-        classes: vec!["fresh".into(), "rotten".into()],
-        ..table_spec("category", &["text"])
-    };
-    let rt = table::load(
-        &root.join("rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2"),
-        &spec,
-    )
-    .unwrap();
-    // The 14 empty texts are all `plot` rows, which are not checked.
-    assert_eq!((rt.rows, rt.skipped), (13_905, 0));
-    let total = |t: &table::Table| -> Vec<usize> {
-        let (a, b) = (t.train.class_counts(), t.test.class_counts());
-        a.iter().zip(&b).map(|(x, y)| x + y).collect()
-    };
-    assert_eq!(total(&rt), [7_403, 5_405]);
-    // aljazeera 559, tass 485, abcnews 474, rte 443, huffpost 436, dw 436, chinadaily 360,
-    // bbc 355, cnn 276; classes in sorted order.
-    let path = root.join("news_articles/news_by_outlet.csv.gz");
-    let spec = table_spec("outlet", &["title", "text"]);
-    // One aljazeera article has neither title nor text (line 1828).
-    let msg = table::load(&path, &spec).unwrap_err().to_string();
-    assert!(
-        msg.contains("line 1828") && msg.contains("empty text"),
-        "{msg}"
-    );
-    let spec = table::TableSpec {
-        skip_empty: true,
-        ..spec
-    };
-    let news = table::load(&path, &spec).unwrap();
-    assert_eq!((news.rows, news.skipped), (3_824, 1));
-    assert_eq!(
-        news.train.classes,
-        [
-            "abcnews",
-            "aljazeera",
-            "bbc",
-            "chinadaily",
-            "cnn",
-            "dw",
-            "huffpost",
-            "rte",
-            "tass"
-        ]
-    );
-    assert_eq!(total(&news), [474, 558, 355, 360, 276, 436, 436, 443, 485]);
-}
-
-#[test]
 fn a_user_csv_header_row_is_not_a_class_and_quoted_commas_stay_in_the_text() {
     let dir = tempfile::tempdir().unwrap();
     let csv = write(
@@ -662,4 +506,51 @@ fn a_held_out_part_is_drawn_per_class_and_disjoint_from_the_fitting_part() {
     let single = toy(&[0, 0, 1]);
     let err = taskrel_data::samples::hold_out(&single, &[0, 1, 2], true, 0.3, 0).unwrap_err();
     assert!(err.to_string().contains("class 1"), "{err}");
+}
+
+#[test]
+fn the_generated_fixture_datasets_load_with_their_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = taskrel_testkit::fixtures::data_root(dir.path()).unwrap();
+    for (name, shape) in [
+        (DatasetName::Mnist, Some((1, 28, 28))),
+        (DatasetName::FashionMnist, Some((1, 28, 28))),
+        (DatasetName::Usps, Some((1, 16, 16))),
+        (DatasetName::AgNews, None),
+    ] {
+        let splits = load(name, &root.join(name.as_str())).unwrap();
+        let (train, test) = (splits.train.unwrap(), splits.test.unwrap());
+        let classes = name.num_classes();
+        assert_eq!(train.class_counts(), vec![20; classes], "{name}");
+        assert_eq!(test.class_counts(), vec![10; classes], "{name}");
+        if let Some((c, h, w)) = shape {
+            let images = train.images().unwrap();
+            assert_eq!((images.channels, images.height, images.width), (c, h, w));
+            // Each class lights its own block: the mean images of two classes differ.
+            let mean = |class: u32| -> Vec<f64> {
+                let members: Vec<usize> = (0..train.len())
+                    .filter(|&i| train.labels[i] == class)
+                    .collect();
+                (0..h * w)
+                    .map(|p| {
+                        members
+                            .iter()
+                            .map(|&i| f64::from(images.image(i)[p]))
+                            .sum::<f64>()
+                            / members.len() as f64
+                    })
+                    .collect()
+            };
+            let (a, b) = (mean(0), mean(7));
+            let far = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| (*x - *y).abs() > 100.0)
+                .count();
+            assert!(far > h * w / 10, "{name}: {far} pixels tell class 0 from 7");
+        } else {
+            let texts = train.texts().unwrap();
+            assert_eq!(texts[0].split(' ').count(), 6, "{}", texts[0]);
+        }
+    }
 }
