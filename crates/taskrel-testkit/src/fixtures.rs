@@ -32,6 +32,13 @@ impl Lcg {
         self.0
     }
 
+    /// A value in [0, 1): the top 53 bits of the next state over 2^53 (numpy:
+    /// `(s >> 11) / 2**53` on the state `s = (s * 6364136223846793005 + 1442695040888963407)
+    /// % 2**64`).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// A value in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
         (self.next_u64() >> 33) % n
