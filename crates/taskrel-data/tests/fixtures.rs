@@ -521,8 +521,8 @@ fn the_generated_fixture_datasets_load_with_their_counts() {
         let splits = load(name, &root.join(name.as_str())).unwrap();
         let (train, test) = (splits.train.unwrap(), splits.test.unwrap());
         let classes = name.num_classes();
-        assert_eq!(train.class_counts(), vec![20; classes], "{name}");
-        assert_eq!(test.class_counts(), vec![10; classes], "{name}");
+        assert_eq!(train.class_counts(), vec![40; classes], "{name}");
+        assert_eq!(test.class_counts(), vec![20; classes], "{name}");
         if let Some((c, h, w)) = shape {
             let images = train.images().unwrap();
             assert_eq!((images.channels, images.height, images.width), (c, h, w));

@@ -255,10 +255,13 @@ pub fn rank(opts: &RankOptions) -> anyhow::Result<()> {
     };
     if let Some(source) = sources.values().find(|s| s.modality != modality) {
         bail!(
-            "{}: model {} is a {} model but the target sample holds {}",
+            "{}: model {} is {} model but the target sample holds {}",
             opts.zoo.display(),
             source.name,
-            source.modality.as_str(),
+            match source.modality {
+                Modality::Image => "an image",
+                Modality::Text => "a text",
+            },
             match modality {
                 Modality::Image => "images",
                 Modality::Text => "texts",

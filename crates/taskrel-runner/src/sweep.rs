@@ -1196,6 +1196,24 @@ impl Sweep {
             let source = &sources[&m.value];
             for t in &self.grid.target {
                 let target = &targets[&t.value];
+                let seeds: Vec<u64> = self
+                    .grid
+                    .seed
+                    .iter()
+                    .copied()
+                    .filter(|&seed| {
+                        !self.exclude.iter().any(|e| {
+                            e.model.as_ref().is_none_or(|x| x.value == m.value)
+                                && e.target.as_ref().is_none_or(|x| x.value == t.value)
+                                && e.seed.is_none_or(|x| x == seed)
+                        })
+                    })
+                    .collect();
+                if seeds.is_empty() {
+                    // An excluded pair is never checked: exclusion is how a grid mixes
+                    // modalities.
+                    continue;
+                }
                 if source.modality != target.dataset.modality() {
                     return Err(at(
                         path,
@@ -1221,14 +1239,9 @@ impl Sweep {
                         ),
                     ));
                 }
-                for &seed in &self.grid.seed {
-                    let excluded = self.exclude.iter().any(|e| {
-                        e.model.as_ref().is_none_or(|x| x.value == m.value)
-                            && e.target.as_ref().is_none_or(|x| x.value == t.value)
-                            && e.seed.is_none_or(|x| x == seed)
-                    });
+                for seed in seeds {
                     let id = format!("{}__{}__s{seed}", m.value, t.value);
-                    if !excluded && !cells.iter().any(|c: &Cell| c.id == id) {
+                    if !cells.iter().any(|c: &Cell| c.id == id) {
                         cells.push(Cell {
                             id,
                             model: m.value.clone(),

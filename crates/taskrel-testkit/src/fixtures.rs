@@ -54,8 +54,8 @@ pub enum Layout {
     Clothes,
 }
 
-/// `n` images of `side` x `side` pixels (u8, 0 background), `per_class` of each of 10 classes in
-/// turn, with their labels.
+/// `10 * per_class` images of `side` x `side` pixels (u8, 0 background), `per_class` of each of
+/// 10 classes in a seeded order, with their labels.
 pub fn images(layout: Layout, side: usize, per_class: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut rng = Lcg(seed);
     let (rows, cols) = match layout {
@@ -64,9 +64,10 @@ pub fn images(layout: Layout, side: usize, per_class: usize, seed: u64) -> (Vec<
     };
     let (bh, bw) = (side / rows, side / cols);
     let mut pixels = Vec::with_capacity(10 * per_class * side * side);
-    let mut labels = Vec::with_capacity(10 * per_class);
-    for i in 0..10 * per_class {
-        let c = i % 10;
+    let mut labels: Vec<u8> = (0..10 * per_class).map(|i| (i % 10) as u8).collect();
+    shuffle(&mut labels, &mut rng);
+    for &label in &labels {
+        let c = usize::from(label);
         let (r, k) = match layout {
             Layout::Digits => (c / 5, c % 5),
             Layout::Clothes => (c % 5, c / 5),
@@ -86,9 +87,16 @@ pub fn images(layout: Layout, side: usize, per_class: usize, seed: u64) -> (Vec<
                 pixels.push(v as u8);
             }
         }
-        labels.push(c as u8);
     }
     (pixels, labels)
+}
+
+/// A seeded Fisher-Yates shuffle: the classes of a fixture come in no pattern, as in the real
+/// files (the pools of even and odd positions then hold every class).
+fn shuffle<T>(items: &mut [T], rng: &mut Lcg) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, rng.below(i as u64 + 1) as usize);
+    }
 }
 
 fn idx_images(pixels: &[u8], n: usize, side: usize) -> Vec<u8> {
@@ -199,9 +207,11 @@ pub fn topics(
         ("test.csv", test_per_class, seed ^ 0x5eed),
     ] {
         let mut rng = Lcg(s);
+        let mut order: Vec<usize> = (0..4 * per_class).map(|i| i % 4).collect();
+        shuffle(&mut order, &mut rng);
         let mut text = String::new();
-        for i in 0..4 * per_class {
-            let (_, words) = &TOPICS[i % 4];
+        for class in order {
+            let (_, words) = &TOPICS[class];
             let mut pick = |n: usize| -> Vec<&str> {
                 (0..n)
                     .map(|_| {
@@ -215,7 +225,7 @@ pub fn topics(
             };
             let title = pick(2).join(" ");
             let body = pick(4).join(" ");
-            let _ = writeln!(text, "\"{}\",\"{title}\",\"{body}\"", i % 4 + 1);
+            let _ = writeln!(text, "\"{}\",\"{title}\",\"{body}\"", class + 1);
         }
         write(&dir.join(name), text.as_bytes())?;
     }
@@ -288,12 +298,12 @@ pub fn bert_files(dir: &Path) -> std::io::Result<()> {
 }
 
 /// A data root like `data/` in `dir`: `mnist` and `usps` in the digits layout, `fashion_mnist`
-/// in the clothes layout (20 train and 10 test images per class; USPS 16x16), and `ag_news` (20
-/// train and 10 test texts per class). Returns `dir`.
+/// in the clothes layout (40 train and 20 test images per class; USPS 16x16), and `ag_news` (40
+/// train and 20 test texts per class). Returns `dir`.
 pub fn data_root(dir: &Path) -> std::io::Result<PathBuf> {
-    digits(&dir.join("mnist"), Layout::Digits, 20, 10, 1)?;
-    digits(&dir.join("fashion_mnist"), Layout::Clothes, 20, 10, 2)?;
-    usps(&dir.join("usps"), 20, 10, 3)?;
-    topics(&dir.join("ag_news"), 20, 10, 4)?;
+    digits(&dir.join("mnist"), Layout::Digits, 40, 20, 1)?;
+    digits(&dir.join("fashion_mnist"), Layout::Clothes, 40, 20, 2)?;
+    usps(&dir.join("usps"), 40, 20, 3)?;
+    topics(&dir.join("ag_news"), 40, 20, 4)?;
     Ok(dir.to_path_buf())
 }
