@@ -7,24 +7,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use taskrel_testkit::fixtures;
+use taskrel_testkit::{fixtures, json, run};
 
-fn taskrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskrel"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = taskrel(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+const TASKREL: &str = env!("CARGO_BIN_EXE_taskrel");
 
 /// `taskrel ARGS --data-root ROOT`, which must succeed.
 fn ok(root: &Path, args: &[&str]) -> Output {
@@ -320,7 +305,10 @@ fn corrupt_or_missing_data_exits_non_zero_with_one_line() {
         "\"1\",\"t\",\"b\"\n\"3\",\"t\",\"b\"\n",
     )
     .unwrap();
-    let out = taskrel(&["data", "dbpedia", "--root", dir.path().to_str().unwrap()]);
+    let out = run(
+        TASKREL,
+        &["data", "dbpedia", "--root", dir.path().to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -329,16 +317,19 @@ fn corrupt_or_missing_data_exits_non_zero_with_one_line() {
         "{stderr}"
     );
 
-    let out = taskrel(&[
-        "data",
-        "mnist",
-        "--root",
-        dir.path().join("absent").to_str().unwrap(),
-    ]);
+    let out = run(
+        TASKREL,
+        &[
+            "data",
+            "mnist",
+            "--root",
+            dir.path().join("absent").to_str().unwrap(),
+        ],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fetch-data.sh"));
 
-    let out = taskrel(&["data", "cifar"]);
+    let out = run(TASKREL, &["data", "cifar"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -368,7 +359,7 @@ fn a_labelled_text_csv_is_summarised_and_its_errors_named() {
         "headline,review",
         "--json",
     ];
-    let summary = json(&args);
+    let summary = json(TASKREL, &args);
     assert_eq!(summary["classes"], serde_json::json!(["bad", "good"]));
     assert_eq!(summary["modality"], "text");
     assert_eq!(
@@ -380,11 +371,11 @@ fn a_labelled_text_csv_is_summarised_and_its_errors_named() {
         serde_json::json!([7, 7])
     );
     // Another seed draws another split of the same sizes.
-    let other = json(&[&args[..], &["--split-seed", "3"]].concat());
+    let other = json(TASKREL, &[&args[..], &["--split-seed", "3"]].concat());
     assert_eq!(other["splits"]["test"]["n"], 6);
 
     std::fs::write(&path, format!("{csv}good,,\"\"\n")).unwrap();
-    let out = taskrel(&args);
+    let out = run(TASKREL, &args);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -392,7 +383,7 @@ fn a_labelled_text_csv_is_summarised_and_its_errors_named() {
         stderr.contains("reviews.csv: line 22, column \"headline, review\": empty text"),
         "{stderr}"
     );
-    let out = taskrel(&["data", name.as_str(), "--label-column", "stars"]);
+    let out = run(TASKREL, &["data", name.as_str(), "--label-column", "stars"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--text-columns"));
 }

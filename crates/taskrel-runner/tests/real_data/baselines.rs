@@ -47,11 +47,7 @@ fn features(dataset: &str, per_class: &str, out: &Path) -> FeatureSet {
 }
 
 fn close(got: f64, want: f64) {
-    let rel = (got - want).abs() / want.abs().max(1e-12);
-    assert!(
-        rel <= 1e-6,
-        "got {got}, reference {want} (relative error {rel:.2e})"
-    );
+    taskrel_testkit::assert_close(got, want, 1e-6);
 }
 
 #[test]

@@ -3,49 +3,40 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use taskrel_testkit::data_root;
+use std::process::Command;
+use taskrel_testkit::{data_root, json, run};
 
-fn taskrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskrel"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = taskrel(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+const TASKREL: &str = env!("CARGO_BIN_EXE_taskrel");
 
 #[test]
 fn data_json_reports_canonical_counts() {
     let root = data_root();
-    let usps = json(&[
-        "data",
-        "usps",
-        "--root",
-        root.join("usps").to_str().unwrap(),
-        "--json",
-    ]);
+    let usps = json(
+        TASKREL,
+        &[
+            "data",
+            "usps",
+            "--root",
+            root.join("usps").to_str().unwrap(),
+            "--json",
+        ],
+    );
     assert_eq!(usps["splits"]["train"]["n"], 7291);
     assert_eq!(usps["splits"]["test"]["n"], 2007);
     assert_eq!(
         usps["splits"]["train"]["class_counts"],
         serde_json::json!([1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644])
     );
-    let ag = json(&[
-        "data",
-        "ag_news",
-        "--root",
-        root.join("ag_news").to_str().unwrap(),
-        "--json",
-    ]);
+    let ag = json(
+        TASKREL,
+        &[
+            "data",
+            "ag_news",
+            "--root",
+            root.join("ag_news").to_str().unwrap(),
+            "--json",
+        ],
+    );
     assert_eq!(
         ag["classes"],
         serde_json::json!(["World", "Sports", "Business", "Sci/Tech"])
@@ -82,7 +73,7 @@ fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
             "--out",
             out.to_str().unwrap(),
         ];
-        let report = json(&args);
+        let report = json(TASKREL, &args);
         assert_eq!(report["n"], 600);
         if dataset == "usps" {
             assert!(
@@ -109,7 +100,7 @@ fn mnist_cnn_finds_usps_more_related_than_fashion_mnist() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        json(&args)
+        json(TASKREL, &args)
     };
     for extra in [&[][..], &["--unlabeled"][..]] {
         let (u, f) = (score(&usps, extra), score(&fashion, extra));
@@ -168,23 +159,26 @@ fn a_dataset_with_one_split_is_divided_without_overlap() {
         ("test", "ag_news/test (derived"),
     ] {
         let out = dir.path().join(format!("{split}.safetensors"));
-        let report = json(&[
-            "features",
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            "ag_news",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--split",
-            split,
-            "--per-class",
-            "2",
-            "--quiet",
-            "--json",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let report = json(
+            TASKREL,
+            &[
+                "features",
+                "--model",
+                model.to_str().unwrap(),
+                "--dataset",
+                "ag_news",
+                "--data-root",
+                root.to_str().unwrap(),
+                "--split",
+                split,
+                "--per-class",
+                "2",
+                "--quiet",
+                "--json",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(
             report["dataset"].as_str().unwrap().starts_with(text),
             "{report}"
@@ -258,7 +252,7 @@ fn zero_counts_and_empty_shards_are_refused() {
         ),
     ];
     for (args, message) in cases {
-        let out = taskrel(&args);
+        let out = run(TASKREL, &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
@@ -383,7 +377,7 @@ fn broken_model_files_and_impossible_lengths_are_named() {
         ),
     ];
     for (args, message) in cases {
-        let out = taskrel(&args);
+        let out = run(TASKREL, &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
