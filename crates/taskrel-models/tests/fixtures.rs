@@ -101,7 +101,7 @@ fn lenet200_learns_generated_digits_reproduces_and_checkpoints_exactly() {
         (net, history)
     };
     let (net, history) = run();
-    assert_eq!(history.n_train, 200);
+    assert_eq!(history.n_train, 400);
     let accuracy = train::evaluate(&net, &test_set, 64, true).unwrap().accuracy;
     // Each class lights its own block: chance is 0.1.
     assert!(
