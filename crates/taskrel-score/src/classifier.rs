@@ -408,8 +408,8 @@ mod tests {
     #[test]
     fn hand_written_gradient_matches_candle_autograd() -> candle_core::Result<()> {
         let (n, d, k) = (40, 6, 3);
-        let mut rng = crate::dense::Lcg(7);
-        let mut next = || rng.next();
+        let mut rng = taskrel_testkit::fixtures::Lcg(7);
+        let mut next = || rng.symmetric();
         let z: Vec<f32> = (0..n * d).map(|_| next() as f32).collect();
         let labels: Vec<u32> = (0..n).map(|i| (i % k) as u32).collect();
         // Random labels that sometimes equal the true one (q then has a -2 entry).

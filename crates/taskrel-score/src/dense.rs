@@ -210,21 +210,6 @@ pub(crate) fn softmax_backward(p: &[f64], g: &[f64]) -> Vec<f64> {
     p.iter().zip(g).map(|(p, g)| p * (g - dot)).collect()
 }
 
-/// A linear congruential generator of uniform values in `[-1, 1)` for the unit tests' inputs.
-#[cfg(test)]
-pub(crate) struct Lcg(pub(crate) u64);
-
-#[cfg(test)]
-impl Lcg {
-    pub(crate) fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

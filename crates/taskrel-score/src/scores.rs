@@ -309,13 +309,8 @@ mod tests {
 
     /// Two well-separated classes in 3 dimensions, `n` per class.
     fn blobs(n: usize, shift: f32, seed: u64) -> FeatureSet {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let mut noise = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rng = taskrel_testkit::fixtures::Lcg(seed);
+        let mut noise = || rng.symmetric() as f32 / 2.0;
         let mut values = Vec::new();
         let mut labels = Vec::new();
         for class in 0..2u32 {

@@ -39,10 +39,27 @@ impl Lcg {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// A value in [-1, 1): the state's top 31 bits over 2^31, doubled, less 1.
+    pub fn symmetric(&mut self) -> f64 {
+        ((self.next_u64() >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+    }
+
     /// A value in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
         (self.next_u64() >> 33) % n
     }
+}
+
+/// `k` values in [0, 1) from the 32-bit LCG `s = (1664525 s + 1013904223) mod 2^32` (value
+/// `s / 2^32`), the generator the score tests' Python reference scripts reproduce.
+pub fn lcg32(seed: u64, k: usize) -> Vec<f64> {
+    let mut s = seed;
+    (0..k)
+        .map(|_| {
+            s = (1664525 * s + 1013904223) % (1 << 32);
+            s as f64 / (1u64 << 32) as f64
+        })
+        .collect()
 }
 
 /// Where each class's block sits.

@@ -827,7 +827,7 @@ impl<'c> Simplex<'c> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dense::Lcg;
+    use taskrel_testkit::fixtures::Lcg;
 
     /// The scan in arc order that `price_run` must reproduce: strictly better replaces.
     fn scan(costs: &[f64], v: &[f64], ui: f64, first: usize, best: &mut (f64, usize)) {
@@ -866,7 +866,7 @@ mod tests {
             classes
                 .iter()
                 .flat_map(|&c| (0..d).map(move |k| (c, k)))
-                .map(|(c, k)| centre(c, k) + rng.next() as f32)
+                .map(|(c, k)| centre(c, k) + rng.symmetric() as f32)
                 .collect()
         };
         let xc: Vec<u32> = (0..n).map(|i| ((i * 5 + i / 3) % kx) as u32).collect();
@@ -874,7 +874,9 @@ mod tests {
         let (x, y) = (draw(&xc), draw(&yc));
         let mut label_cost = Vec::new();
         for _ in 0..kx {
-            let column: Vec<f64> = (0..ky).map(|_| rng.next().abs().powi(3) + 1e-3).collect();
+            let column: Vec<f64> = (0..ky)
+                .map(|_| rng.symmetric().abs().powi(3) + 1e-3)
+                .collect();
             let total: f64 = column.iter().sum();
             for k in 0..ky {
                 let dist: f64 = (0..ky)
@@ -887,7 +889,7 @@ mod tests {
             if uniform {
                 vec![1.0 / len as f64; len]
             } else {
-                let w: Vec<f64> = (0..len).map(|_| 1.1 + rng.next()).collect();
+                let w: Vec<f64> = (0..len).map(|_| 1.1 + rng.symmetric()).collect();
                 let s: f64 = w.iter().sum();
                 w.iter().map(|v| v / s).collect()
             }
@@ -1016,9 +1018,9 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 16, 23, 64, 81] {
             for trial in 0..50 {
                 // Values on a coarse grid, so that equal reduced costs (ties) are common.
-                let costs: Vec<f64> = (0..len).map(|_| (rng.next() * 4.0).round()).collect();
-                let v: Vec<f64> = (0..len).map(|_| (rng.next() * 2.0).round()).collect();
-                let ui = (rng.next() * 2.0).round();
+                let costs: Vec<f64> = (0..len).map(|_| (rng.symmetric() * 4.0).round()).collect();
+                let v: Vec<f64> = (0..len).map(|_| (rng.symmetric() * 2.0).round()).collect();
+                let ui = (rng.symmetric() * 2.0).round();
                 let start = if trial % 2 == 0 {
                     (-1e-9, NONE)
                 } else {

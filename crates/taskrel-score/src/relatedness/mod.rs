@@ -606,9 +606,9 @@ mod tests {
     #[test]
     fn label_free_target_batches_hold_m_points() -> crate::Result<()> {
         // 3 reference classes of 40, 90 target points whose labels are ignored, M = 60.
-        let mut rng = crate::dense::Lcg(3);
+        let mut rng = taskrel_testkit::fixtures::Lcg(3);
         let mut set = |n: usize, labels: Option<Vec<u32>>| {
-            let values = (0..n * 4).map(|_| rng.next() as f32).collect();
+            let values = (0..n * 4).map(|_| rng.symmetric() as f32).collect();
             let classes = (0..3).map(|c| format!("c{c}")).collect();
             FeatureSet::new(values, n, 4, labels, classes, Default::default())
         };
@@ -650,8 +650,9 @@ mod tests {
 
     #[test]
     fn degenerate_samples_and_settings_are_refused_with_the_reason() -> crate::Result<()> {
-        let mut rng = crate::dense::Lcg(9);
-        let mut noise = |n: usize| -> Vec<f32> { (0..n * 4).map(|_| rng.next() as f32).collect() };
+        let mut rng = taskrel_testkit::fixtures::Lcg(9);
+        let mut noise =
+            |n: usize| -> Vec<f32> { (0..n * 4).map(|_| rng.symmetric() as f32).collect() };
         let set = |values: Vec<f32>, labels: Option<Vec<u32>>| {
             let n = values.len() / 4;
             let classes = (0..3).map(|c| format!("c{c}")).collect();
@@ -747,22 +748,22 @@ mod tests {
     #[test]
     fn hand_written_step_gradient_matches_candle_autograd() -> candle_core::Result<()> {
         let (d, kt, kr, nr, nt) = (6, 3, 4, 9, 7);
-        let mut rng = crate::dense::Lcg(11);
+        let mut rng = taskrel_testkit::fixtures::Lcg(11);
         let mut x = Transform::identity(
             d,
             &(0..kt)
-                .map(|_| (0..kr).map(|_| 0.5 + 0.4 * rng.next()).collect())
+                .map(|_| (0..kr).map(|_| 0.5 + 0.4 * rng.symmetric()).collect())
                 .collect::<Vec<_>>(),
             &(0..kr).map(|j| 0.1 + 0.1 * j as f64).collect::<Vec<_>>(),
         );
         for v in x.a.iter_mut().chain(&mut x.a_inv) {
-            *v += (0.3 * rng.next()) as f32;
+            *v += (0.3 * rng.symmetric()) as f32;
         }
         for v in &mut x.shift {
-            *v = (0.5 * rng.next()) as f32;
+            *v = (0.5 * rng.symmetric()) as f32;
         }
-        let zr: Vec<f32> = (0..nr * d).map(|_| rng.next() as f32).collect();
-        let zt: Vec<f32> = (0..nt * d).map(|_| rng.next() as f32).collect();
+        let zr: Vec<f32> = (0..nr * d).map(|_| rng.symmetric() as f32).collect();
+        let zt: Vec<f32> = (0..nt * d).map(|_| rng.symmetric() as f32).collect();
         let moved = x.apply(&zr, d);
         // A plan with repeated rows and columns, masses summing to one.
         let plan: Sparse = (0..12)
