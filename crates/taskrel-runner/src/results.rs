@@ -942,6 +942,61 @@ pub fn validity_markdown(table: &Table) -> String {
     )
 }
 
+/// How the linear probe and full fine-tuning compare, when a sweep measures both: over the cells
+/// with both accuracies, and per target, the Pearson and Spearman correlation of the two
+/// accuracies and the gain of full fine-tuning over the probe in points (mean, range, how often
+/// positive). Whether a score is judged against one or the other matters only where they
+/// disagree.
+pub fn modes_markdown(table: &Table) -> String {
+    let (probe, full) = ("accuracy_linear_probe", "accuracy_full");
+    if table.column(probe).is_none() || table.column(full).is_none() {
+        return String::new();
+    }
+    let mut groups: Vec<(String, Vec<usize>)> = vec![("all".to_string(), Vec::new())];
+    for i in 0..table.rows.len() {
+        if !(table.number(i, probe).is_finite() && table.number(i, full).is_finite()) {
+            continue;
+        }
+        groups[0].1.push(i);
+        let target = format!("target = {}", table.text(i, "target"));
+        match groups.iter_mut().find(|(name, _)| *name == target) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((target, vec![i])),
+        }
+    }
+    if groups[0].1.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "## Linear probe against full fine-tuning\n\n\
+         Accuracy after the linear probe against accuracy after full fine-tuning, on the same \
+         cells; gain: full minus probe, in points.\n\n\
+         | cells | n | Pearson | Spearman | mean gain | gain range | full above probe |\n\
+         |---|---:|---:|---:|---:|---|---:|\n",
+    );
+    for (name, members) in &groups {
+        let p: Vec<f64> = members.iter().map(|&i| table.number(i, probe)).collect();
+        let f: Vec<f64> = members.iter().map(|&i| table.number(i, full)).collect();
+        let gains: Vec<f64> = p.iter().zip(&f).map(|(p, f)| 100.0 * (f - p)).collect();
+        let mean = gains.iter().sum::<f64>() / gains.len() as f64;
+        let (lo, hi) = gains
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &g| {
+                (lo.min(g), hi.max(g))
+            });
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {:.3} | {:.3} | {mean:+.1} | {lo:+.1} to {hi:+.1} | {} |",
+            members.len(),
+            crate::stats::pearson(&p, &f),
+            crate::stats::spearman(&p, &f),
+            gains.iter().filter(|&&g| g > 0.0).count()
+        );
+    }
+    md.push('\n');
+    md
+}
+
 /// `summary.md`: the sweep, its cells and its correlations.
 pub fn summary_markdown(
     name: &str,
@@ -997,6 +1052,7 @@ pub fn summary_markdown(
         md.push_str(&paired_markdown(paired));
         md.push('\n');
     }
+    md.push_str(&modes_markdown(table));
     md.push_str(&validity_markdown(table));
     md.push_str("## Cells\n\n");
     let cols = summary_columns(table);
@@ -1022,6 +1078,42 @@ pub fn summary_markdown(
 #[cfg(test)]
 mod paired_tests {
     use super::*;
+
+    #[test]
+    fn the_probe_and_full_fine_tuning_are_compared_overall_and_per_target() {
+        let table = Table {
+            columns: ["target", "model", "accuracy_linear_probe", "accuracy_full"]
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            rows: [
+                ["t", "a", "0.5", "0.6"],
+                ["t", "b", "0.6", "0.65"],
+                ["t", "c", "0.7", "0.68"],
+                ["u", "a", "0.2", "0.4"],
+                ["u", "b", "0.3", "0.3"],
+                ["u", "c", "", "0.9"],
+            ]
+            .iter()
+            .map(|r| r.iter().map(|v| v.to_string()).collect())
+            .collect(),
+        };
+        let md = modes_markdown(&table);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        // Five cells have both accuracies; gains 10, 5, -2, 20 and 0 points.
+        assert!(rows[1].starts_with("| all | 5 |"), "{md}");
+        assert!(rows[1].contains("| +6.6 | -2.0 to +20.0 | 3 |"), "{md}");
+        // Within t the two orders agree (Spearman 1) although the gain shrinks.
+        assert!(rows[2].starts_with("| target = t | 3 |"), "{md}");
+        assert!(rows[2].contains("| 1.000 | +4.3 |"), "{md}");
+        assert!(rows[3].starts_with("| target = u | 2 |"), "{md}");
+        // Without both modes there is no section.
+        let probe_only = Table {
+            columns: vec!["target".into(), "accuracy_linear_probe".into()],
+            rows: vec![vec!["t".into(), "0.5".into()]],
+        };
+        assert_eq!(modes_markdown(&probe_only), "");
+    }
 
     #[test]
     fn seed_means_average_each_model_over_its_seeds() {
