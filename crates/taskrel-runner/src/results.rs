@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::engine::{Row, write_atomic};
 use crate::stats::{self, Estimate};
-use crate::sweep::{Correlation, GroupBy};
+use crate::sweep::{Correlation, GroupBy, Plan};
 
 /// Whether a larger value of `column` predicts better transfer (a column no score declares,
 /// such as an accuracy: yes).
@@ -995,6 +995,74 @@ pub fn modes_markdown(table: &Table) -> String {
     }
     md.push('\n');
     md
+}
+
+/// The sweep file as run, in every results folder.
+pub const CONFIG_FILE: &str = "config.yaml";
+/// Every finished cell's row, in plan order.
+pub const CELLS_CSV: &str = "cells.csv";
+
+/// Writes the sweep file as run (`config.yaml`) into a results folder.
+pub fn write_config(out: &Path, config: &str) -> anyhow::Result<()> {
+    write_atomic(&out.join(CONFIG_FILE), config.as_bytes())
+}
+
+/// The reports of a results folder, from its `cells.csv`: `correlation.csv`,
+/// `seed_mean/correlation.csv` (several seeds), `paired.csv`, `summary.md` and `plots/`.
+/// Returns the correlations.
+pub fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<CorrelationRow>> {
+    let table = Table::read(&out.join(CELLS_CSV))?;
+    let corr = correlations(&table, &plan.correlations);
+    write_correlation_csv(&out.join("correlation.csv"), &corr)?;
+    let measures: Vec<String> = plan
+        .sweep
+        .measure
+        .modes
+        .iter()
+        .map(|m| m.as_str().to_string())
+        .collect();
+    // With several seeds, the per-target correlations again on seed means.
+    let seeds: std::collections::BTreeSet<&str> = table
+        .column("seed")
+        .map(|c| {
+            table
+                .rows
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(String::as_str)
+                .collect()
+        })
+        .unwrap_or_default();
+    let by_target: Vec<crate::sweep::Correlation> = plan
+        .correlations
+        .iter()
+        .filter(|c| c.group_by == crate::sweep::GroupBy::Target)
+        .cloned()
+        .collect();
+    let seed_mean = if seeds.len() > 1 && !by_target.is_empty() {
+        correlations(&seed_mean_table(&table), &by_target)
+    } else {
+        Vec::new()
+    };
+    if !seed_mean.is_empty() {
+        write_correlation_csv(&out.join("seed_mean/correlation.csv"), &seed_mean)?;
+    }
+    let paired = paired_comparisons(&table, &measures);
+    if !paired.is_empty() {
+        write_paired_csv(&out.join("paired.csv"), &paired)?;
+    }
+    let md = summary_markdown(
+        &plan.name,
+        &plan.sweep.description,
+        &table,
+        &corr,
+        &seed_mean,
+        &paired,
+        plan.cells.len(),
+    );
+    write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    crate::plots::write(&out.join("plots"), &corr)?;
+    Ok(corr)
 }
 
 /// `summary.md`: the sweep, its cells and its correlations.

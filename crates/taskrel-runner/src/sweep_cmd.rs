@@ -9,12 +9,11 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
-use crate::engine::{Engine, write_atomic};
-use crate::results::{self, Store, Table};
+use crate::engine::Engine;
+use crate::results::{self, Store};
 use crate::sweep::{Cell, Plan, ScoreKind, Sweep};
 
-const CONFIG_FILE: &str = "config.yaml";
-const CELLS_CSV: &str = "cells.csv";
+use crate::results::{CELLS_CSV, CONFIG_FILE};
 
 /// Reads and validates a sweep file (with `check_files`, also that the data can supply every
 /// per-class sample it asks for).
@@ -349,7 +348,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             .ok()
             .as_deref()
             == Some(config.as_str());
-    write_atomic(&out.join(CONFIG_FILE), config.as_bytes())?;
+    results::write_config(&out, &config)?;
     let store = Store::new(&out);
     store.set_aside_damaged()?;
     if !rescore.is_empty() || same_config {
@@ -457,7 +456,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let finished =
         results::write_cells_csv(&out.join(CELLS_CSV), &columns, &order, &store.rows()?)?;
-    let corr = render(&out, &plan)?;
+    let corr = results::render(&out, &plan)?;
     results::Manifest::append(
         &out,
         &plan.name,
@@ -495,68 +494,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
 
 /// Renders `correlation.csv`, `summary.md` and `plots/` of a results folder from its
 /// `cells.csv`.
-fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<results::CorrelationRow>> {
-    let table = Table::read(&out.join(CELLS_CSV))?;
-    let corr = results::correlations(&table, &plan.correlations);
-    results::write_correlation_csv(&out.join("correlation.csv"), &corr)?;
-    let measures: Vec<String> = plan
-        .sweep
-        .measure
-        .modes
-        .iter()
-        .map(|m| m.as_str().to_string())
-        .collect();
-    // With several seeds, the per-target correlations again on seed means.
-    let seeds: std::collections::BTreeSet<&str> = table
-        .column("seed")
-        .map(|c| {
-            table
-                .rows
-                .iter()
-                .filter_map(|r| r.get(c))
-                .map(String::as_str)
-                .collect()
-        })
-        .unwrap_or_default();
-    let by_target: Vec<crate::sweep::Correlation> = plan
-        .correlations
-        .iter()
-        .filter(|c| c.group_by == crate::sweep::GroupBy::Target)
-        .cloned()
-        .collect();
-    let seed_mean = if seeds.len() > 1 && !by_target.is_empty() {
-        results::correlations(&results::seed_mean_table(&table), &by_target)
-    } else {
-        Vec::new()
-    };
-    if !seed_mean.is_empty() {
-        results::write_correlation_csv(&out.join("seed_mean/correlation.csv"), &seed_mean)?;
-    }
-    let paired = results::paired_comparisons(&table, &measures);
-    if !paired.is_empty() {
-        results::write_paired_csv(&out.join("paired.csv"), &paired)?;
-    }
-    let md = results::summary_markdown(
-        &plan.name,
-        &plan.sweep.description,
-        &table,
-        &corr,
-        &seed_mean,
-        &paired,
-        plan.cells.len(),
-    );
-    write_atomic(&out.join("summary.md"), md.as_bytes())?;
-    crate::plots::write(&out.join("plots"), &corr)?;
-    Ok(corr)
-}
-
 /// `taskrel report`.
 pub fn report(dir: &Path, data_root: &Path) -> anyhow::Result<()> {
     let plan = load_plan(&dir.join(CONFIG_FILE), data_root, false)?;
     for d in [dir.to_path_buf(), dir.join("plots")] {
         crate::engine::clean_stale_temps(&d)?;
     }
-    let corr = render(dir, &plan)?;
+    let corr = results::render(dir, &plan)?;
     println!(
         "rendered {} and {} from {}",
         dir.join("summary.md").display(),
@@ -590,7 +534,7 @@ pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<
     }
     let plan = load_plan(&first.join(CONFIG_FILE), data_root, false)?;
     std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
-    write_atomic(&into.join(CONFIG_FILE), config.as_bytes())?;
+    results::write_config(into, &config)?;
     let target = Store::new(into);
     let mut merged = 0;
     for d in dirs {
@@ -608,7 +552,7 @@ pub fn merge(dirs: &[PathBuf], into: &Path, data_root: &Path) -> anyhow::Result<
         &order,
         &target.rows()?,
     )?;
-    render(into, &plan)?;
+    results::render(into, &plan)?;
     results::Manifest::append(
         into,
         &plan.name,
