@@ -174,12 +174,18 @@ impl Splits {
     /// A dataset with one split on disk (the mirrored AG News test file) is divided
     /// deterministically: a stratified split with [`DERIVED_TEST_FRACTION`] for test and seed
     /// [`DERIVED_SPLIT_SEED`], so the two never overlap, and the labels say so.
-    pub fn train_test(&self) -> Result<TrainTest> {
+    /// Consumes the splits, so the datasets are moved, not copied.
+    pub fn train_test(self) -> Result<TrainTest> {
         let name = self.name;
-        if let (Some(train), Some(test)) = (&self.train, &self.test) {
+        if let Splits {
+            train: Some(train),
+            test: Some(test),
+            ..
+        } = self
+        {
             return Ok(TrainTest {
-                train: train.clone(),
-                test: test.clone(),
+                train,
+                test,
                 train_label: format!("{name}/train"),
                 test_label: format!("{name}/test"),
             });
