@@ -8,7 +8,9 @@
 #                                              USPS training set (DIR/tgt.safetensors)
 #   scripts/bench-peers.sh loop REF.st TGT.st [RUNS]
 #                                              the official LearnedAll loop (TensorFlow + POT)
-#                                              vs taskrel relatedness, alternating RUNS times
+#                                              vs taskrel relatedness, alternating RUNS times;
+#                                              each prints its loop's own time beside the wall
+#                                              time (taskrel: "optimisation")
 #   scripts/bench-peers.sh transfer DIR [RUNS]   the authors' whole small-scale transfer
 #                                              (h_R, LearnedAll, the printed terms) beside
 #                                              taskrel relatedness on the same features: a
@@ -35,7 +37,7 @@ case "${1:-}" in
   loop)
     for run in $(seq "${4:-1}"); do
       /usr/bin/time -f "run $run taskrel relatedness: %e s wall, %M KB peak" \
-        "$TASKREL" relatedness --reference "$2" --target "$3" > /dev/null
+        "$TASKREL" relatedness --reference "$2" --target "$3" | grep -F 'time:'
       /usr/bin/time -f "run $run official loop: %e s wall (with the TensorFlow import), %M KB peak" \
         "$VENV/bin/python" scripts/bench/official_loop.py "$2" "$3" 2>&1 | grep -v -e oneDNN -e absl
     done ;;

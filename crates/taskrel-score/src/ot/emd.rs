@@ -137,9 +137,28 @@ pub struct Labelled<'a> {
     pub weight: f64,
 }
 
+/// Memory that [`emd_labelled_in`] keeps from one problem to the next: the dense cost matrix,
+/// of which a problem writes every entry it reads and no other, so it is not cleared between
+/// problems (a 500 x 500 problem would clear 2 MB).
+#[derive(Debug, Default)]
+pub struct LabelledScratch {
+    cost: Vec<f64>,
+}
+
 /// Solves the transportation problem of [`Labelled`] exactly, as [`emd`] does on the dense cost
 /// matrix, computing the Euclidean part only for the class pairs it has to (module docs).
 pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
+    emd_labelled_in(&mut LabelledScratch::default(), a, b, p)
+}
+
+/// [`emd_labelled`] with its cost matrix kept in `scratch`, for a caller that solves many
+/// problems in a row. The plan does not depend on what `scratch` held before.
+pub fn emd_labelled_in<'a>(
+    scratch: &mut LabelledScratch,
+    a: &[f64],
+    b: &[f64],
+    p: &Labelled<'a>,
+) -> Result<Plan> {
     let (n, m, d) = (a.len(), b.len(), p.dim.max(1));
     let (sa, sb) = check_marginals(a, b)?;
     let ky = p.y_class_count.max(1);
@@ -174,7 +193,7 @@ pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
                 classes[bad]
             ));
         }
-        if let Some(bad) = points.iter().position(|v| !v.is_finite()) {
+        if let Some(bad) = first_non_finite(points) {
             return invalid(format!(
                 "{name} point {} has a non-finite coordinate",
                 bad / d
@@ -188,11 +207,16 @@ pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
         order
     };
     let (ro, co) = (sorted(p.x_classes), sorted(p.y_classes));
-    let gather = |points: &[f32], order: &[usize]| -> Vec<f32> {
-        order
-            .iter()
-            .flat_map(|&i| points[i * d..(i + 1) * d].iter().copied())
-            .collect()
+    // Points already in class order (as batches drawn class by class are) are not copied.
+    let gather = |points: &'a [f32], order: &[usize]| -> Cow<'a, [f32]> {
+        if order.iter().enumerate().all(|(pos, &i)| pos == i) {
+            return Cow::Borrowed(points);
+        }
+        let mut out = Vec::with_capacity(order.len() * d);
+        for &i in order {
+            out.extend_from_slice(&points[i * d..(i + 1) * d]);
+        }
+        Cow::Owned(out)
     };
     let (xs, ys) = (gather(p.x, &ro), gather(p.y, &co));
     let a_s: Vec<f64> = ro.iter().map(|&i| a[i]).collect();
@@ -229,34 +253,46 @@ pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
     for &(j, k, _) in &class_plan.flows {
         known[cx[j as usize] * ky + cy[k as usize]] = true;
     }
-    // Entries of pairs not yet `known` are never read.
-    let mut cost = vec![0.0; n * m];
-    // Fills the blocks of `pairs` (computed on all cores) and returns their largest cost.
+    // Entries of pairs not yet `known` are never read (and may hold an earlier problem's).
+    let mut cost = std::mem::take(&mut scratch.cost);
+    cost.resize(n * m, 0.0);
+    // Fills the blocks of `pairs` in place and returns their largest cost. Rows are sorted by
+    // class, so each class's rows are one stretch of `cost`; the stretches are filled on all
+    // cores, each by one task.
     let fill = |cost: &mut [f64], pairs: &[(usize, usize)]| -> f64 {
         use rayon::prelude::*;
-        let blocks: Vec<Vec<f64>> = pairs
-            .par_iter()
-            .map(|&(j, k)| {
-                let ((r0, r1), (c0, c1)) = (rr[j], cr[k]);
-                super::euclidean(&xs[r0 * d..r1 * d], &ys[c0 * d..c1 * d], d)
-            })
-            .collect();
-        let mut largest = 0.0f64;
-        for (&(j, k), block) in pairs.iter().zip(&blocks) {
-            let ((r0, r1), (c0, c1)) = (rr[j], cr[k]);
-            if r0 == r1 || c0 == c1 {
+        let mut stretches: Vec<(usize, &mut [f64])> = Vec::new();
+        let (mut rest, mut at) = (cost, 0);
+        for (j, &(r0, r1)) in rr.iter().enumerate() {
+            if r0 == r1 || !pairs.iter().any(|&(pj, _)| pj == j) {
                 continue;
             }
-            let w = p.weight * p.label_cost[j * ky + k];
-            for (row, distances) in block.chunks_exact(c1 - c0).enumerate() {
-                let at = (r0 + row) * m + c0;
-                for (c, &e) in cost[at..at + c1 - c0].iter_mut().zip(distances) {
-                    *c = e + w;
-                    largest = largest.max(*c);
-                }
-            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(r0 * m - at);
+            let (rows, tail) = tail.split_at_mut((r1 - r0) * m);
+            stretches.push((j, rows));
+            (rest, at) = (tail, r1 * m);
         }
-        largest
+        stretches
+            .into_par_iter()
+            .map(|(j, rows)| {
+                let (r0, r1) = rr[j];
+                let mut largest = 0.0f64;
+                for &(_, k) in pairs.iter().filter(|&&(pj, _)| pj == j) {
+                    let (c0, c1) = cr[k];
+                    if c0 < c1 {
+                        largest = largest.max(super::euclidean_into(
+                            &xs[r0 * d..r1 * d],
+                            &ys[c0 * d..c1 * d],
+                            d,
+                            &mut rows[c0..],
+                            m,
+                            p.weight * p.label_cost[j * ky + k],
+                        ));
+                    }
+                }
+                largest
+            })
+            .reduce(|| 0.0, f64::max)
     };
     let runs_of = |known: &[bool]| {
         let mut runs: Vec<Run> = Vec::new();
@@ -418,11 +454,31 @@ pub fn emd_labelled(a: &[f64], b: &[f64], p: &Labelled) -> Result<Plan> {
         runs = runs_of(&known);
     }
     let mut plan = s.plan();
+    scratch.cost = s.cost.into_owned();
     for f in &mut plan.flows {
         *f = (ro[f.0 as usize] as u32, co[f.1 as usize] as u32, f.2);
     }
     plan.flows.sort_by_key(|&(i, j, _)| (i, j));
     Ok(plan)
+}
+
+/// The position of the first non-finite value. Eight lanes add `0 * v`, which stays 0 unless
+/// some `v` is infinite or NaN (the loop vectorises); only then are the values searched.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += 0.0 * v;
+        }
+    }
+    let clean = lanes.iter().chain(tail).all(|v| v.is_finite());
+    if clean {
+        None
+    } else {
+        values.iter().position(|v| !v.is_finite())
+    }
 }
 
 /// `||x - y||` summed in f32 in dimension order, as [`super::euclidean`] sums it.
@@ -910,6 +966,7 @@ mod tests {
     fn labelled_emd_reaches_the_dense_optimum() -> Result<()> {
         let mut rng = Lcg(5);
         let mut extra_rounds_seen = false;
+        let mut scratch = LabelledScratch::default();
         for (trial, &(n, m, kx, ky, d, uniform, weight)) in [
             (60, 60, 4, 4, 5, true, 1e8),
             (73, 41, 5, 3, 3, false, 1e8),
@@ -942,6 +999,8 @@ mod tests {
                 weight,
             };
             let got = emd_labelled(&c.a, &c.b, &problem)?;
+            // A scratch that held the earlier trials' costs (other shapes) gives the same plan.
+            assert_eq!(emd_labelled_in(&mut scratch, &c.a, &c.b, &problem)?, got);
             // Same optimal value (to the simplex's tolerance), same marginals, and the value
             // is that of the plan returned.
             let tol = 1e-9 * want.cost.abs().max(1.0);
@@ -1010,6 +1069,39 @@ mod tests {
                 .contains("source point 1 has class 2, expected below 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn labelled_emd_names_a_non_finite_point() {
+        // 21 target points of dimension 2 in class order (borrowed, not copied), one of them
+        // infinite past the first eight lanes; source point 1 NaN in the second case.
+        let y: Vec<f32> = (0..42)
+            .map(|v| if v == 27 { f32::INFINITY } else { v as f32 })
+            .collect();
+        let x = [0.0, 1.0, f32::NAN, 2.0];
+        for (x, y_ok, want) in [
+            (&[0.0, 1.0, 2.0, 3.0][..], false, "target point 13 has a non-finite coordinate"),
+            (&x[..], true, "source point 1 has a non-finite coordinate"),
+        ] {
+            let y: Vec<f32> = if y_ok { y.iter().map(|v| v.min(1e3)).collect() } else { y.clone() };
+            let y_classes: Vec<u32> = (0..21).map(|l| u32::from(l >= 10)).collect();
+            let problem = Labelled {
+                x,
+                y: &y,
+                dim: 2,
+                x_classes: &[0, 1],
+                y_classes: &y_classes,
+                label_cost: &[0.0, 1.0, 1.0, 0.0],
+                y_class_count: 2,
+                weight: 1.0,
+            };
+            let Err(err) = emd_labelled(&[0.5, 0.5], &[1.0 / 21.0; 21], &problem) else {
+                panic!("a non-finite point was accepted");
+            };
+            assert!(err.to_string().contains(want), "{err}");
+        }
+        assert_eq!(first_non_finite(&[1.0; 19]), None);
+        assert_eq!(first_non_finite(&[0.0, f32::NEG_INFINITY, 3.0]), Some(1));
     }
 
     #[test]

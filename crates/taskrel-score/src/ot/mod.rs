@@ -7,7 +7,7 @@
 mod emd;
 mod sinkhorn;
 
-pub use emd::{Labelled, Plan, emd, emd_labelled};
+pub use emd::{Labelled, LabelledScratch, Plan, emd, emd_labelled, emd_labelled_in};
 pub use sinkhorn::{DensePlan, SinkhornConfig, sinkhorn};
 
 /// Euclidean distances `(n, m)` between the rows of `x (n, d)` and `y (m, d)`, row-major f64.
@@ -17,34 +17,68 @@ pub use sinkhorn::{DensePlan, SinkhornConfig, sinkhorn};
 /// inner loop that the compiler vectorises without reordering any sum. Identical rows are at
 /// distance exactly 0.
 pub fn euclidean(x: &[f32], y: &[f32], d: usize) -> Vec<f64> {
+    let d = d.max(1);
+    let mut out = vec![0.0; (x.len() / d) * (y.len() / d)];
+    euclidean_into(x, y, d, &mut out, y.len() / d, 0.0);
+    out
+}
+
+/// [`euclidean`] plus `add`, written in place: distance `(i, j)` plus `add` goes to
+/// `out[i * stride + j]`, other entries are left alone. Returns the largest value written (0
+/// when none). `out` must reach the last row's last column.
+pub(crate) fn euclidean_into(
+    x: &[f32],
+    y: &[f32],
+    d: usize,
+    out: &mut [f64],
+    stride: usize,
+    add: f64,
+) -> f64 {
     // Compiled for the widest vector instructions this CPU has, chosen at run time; the sums
     // are the same on every CPU (no sum is reordered, no multiply-add is fused).
-    pulp::Arch::new().dispatch(Euclidean { x, y, d })
+    pulp::Arch::new().dispatch(Euclidean {
+        x,
+        y,
+        d,
+        out,
+        stride,
+        add,
+    })
 }
 
 struct Euclidean<'a> {
     x: &'a [f32],
     y: &'a [f32],
     d: usize,
+    out: &'a mut [f64],
+    stride: usize,
+    add: f64,
 }
 
 impl pulp::NullaryFnOnce for Euclidean<'_> {
-    type Output = Vec<f64>;
+    type Output = f64;
 
     // Inlined into the dispatcher's target-feature context, where the loops vectorise.
     #[inline(always)]
-    fn call(self) -> Vec<f64> {
-        let Self { x, y, d } = self;
-        euclidean_body(x, y, d)
+    fn call(self) -> f64 {
+        let Self {
+            x,
+            y,
+            d,
+            out,
+            stride,
+            add,
+        } = self;
+        euclidean_body(x, y, d, out, stride, add)
     }
 }
 
 #[inline(always)]
-fn euclidean_body(x: &[f32], y: &[f32], d: usize) -> Vec<f64> {
+fn euclidean_body(x: &[f32], y: &[f32], d: usize, out: &mut [f64], stride: usize, add: f64) -> f64 {
     const W: usize = 16;
     let d = d.max(1);
-    let (n, m) = (x.len() / d, y.len() / d);
-    let mut out = vec![0.0; n * m];
+    let m = y.len() / d;
+    let mut largest = 0.0f64;
     // Rows of `y` in panels of sixteen, each panel stored dimension-major `(d, 16)` (the last
     // one padded with zero rows), so one panel is read front to back for every row of `x`.
     let panels = m.div_ceil(W);
@@ -65,12 +99,14 @@ fn euclidean_body(x: &[f32], y: &[f32], d: usize) -> Vec<f64> {
                     *a += t * t;
                 }
             }
-            for (o, &a) in out[i * m + j0..i * m + j0 + width].iter_mut().zip(&sums) {
-                *o = f64::from(a).sqrt();
+            let at = i * stride + j0;
+            for (o, &a) in out[at..at + width].iter_mut().zip(&sums) {
+                *o = f64::from(a).sqrt() + add;
+                largest = largest.max(*o);
             }
         }
     }
-    out
+    largest
 }
 
 /// Uniform weights summing to one.

@@ -81,6 +81,7 @@ pub(super) fn learn(
     };
     let opt_start = Instant::now();
     let mut transport_seconds = 0.0;
+    let mut scratch = ot::LabelledScratch::default();
     for _ in 0..iterations {
         // (1) Seeded batches.
         let prior_now = if learn_prior {
@@ -100,7 +101,18 @@ pub(super) fn learn(
         let (plan, orth) = rayon::join(
             || {
                 batch_plan(
-                    r, t, &ri, &ti, &moved, &zt, d, &b_now, labelled, cfg, blocks,
+                    r,
+                    t,
+                    &ri,
+                    &ti,
+                    &moved,
+                    &zt,
+                    d,
+                    &b_now,
+                    labelled,
+                    cfg,
+                    blocks,
+                    &mut scratch,
                 )
             },
             || orthogonality(&x),

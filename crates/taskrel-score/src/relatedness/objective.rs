@@ -237,13 +237,15 @@ pub(super) fn objective_body(
         }
     }
     // The feature term's gradient on A, added to the orthogonality terms' (computed while the
-    // plan was solved).
+    // plan was solved), on both cores: faer splits the output between them, not the sums, so
+    // the bits are those of one core (the loop benchmark's report is identical); 0.58 s
+    // against 0.68 s for the step outside the plan (medians of eight alternating runs).
     let mut ga = orth.a;
     let ga_inv = orth.a_inv;
     let eye = orth.value;
     {
         let (u, zr) = (View::new(&u, n, d), View::new(batch.zr, n, d));
-        gemm_on(&mut ga, u.t(), zr, 4.0, true, false);
+        gemm_on(&mut ga, u.t(), zr, 4.0, true, true);
     }
     let mut value = 2.0 * feature + eye;
     let (kt, kr) = (x.k_t, x.k_r);

@@ -122,6 +122,7 @@ pub(super) fn batch_plan(
     labelled: bool,
     cfg: &RelatednessConfig,
     blocks: &Blocks,
+    scratch: &mut ot::LabelledScratch,
 ) -> Result<Sparse> {
     if !labelled {
         return Ok(blocks.solve(moved, zt, d, 1.0)?.1);
@@ -156,7 +157,12 @@ pub(super) fn batch_plan(
                 y_class_count: t.k,
                 weight: cfg.label_weight,
             };
-            let plan = ot::emd_labelled(&ot::uniform(ri.len()), &ot::uniform(ti.len()), &problem)?;
+            let plan = ot::emd_labelled_in(
+                scratch,
+                &ot::uniform(ri.len()),
+                &ot::uniform(ti.len()),
+                &problem,
+            )?;
             Ok(plan
                 .flows
                 .into_iter()
