@@ -1080,10 +1080,18 @@ mod tests {
             .collect();
         let x = [0.0, 1.0, f32::NAN, 2.0];
         for (x, y_ok, want) in [
-            (&[0.0, 1.0, 2.0, 3.0][..], false, "target point 13 has a non-finite coordinate"),
+            (
+                &[0.0, 1.0, 2.0, 3.0][..],
+                false,
+                "target point 13 has a non-finite coordinate",
+            ),
             (&x[..], true, "source point 1 has a non-finite coordinate"),
         ] {
-            let y: Vec<f32> = if y_ok { y.iter().map(|v| v.min(1e3)).collect() } else { y.clone() };
+            let y: Vec<f32> = if y_ok {
+                y.iter().map(|v| v.min(1e3)).collect()
+            } else {
+                y.clone()
+            };
             let y_classes: Vec<u32> = (0..21).map(|l| u32::from(l >= 10)).collect();
             let problem = Labelled {
                 x,
