@@ -988,8 +988,8 @@ pub fn modes_markdown(table: &Table) -> String {
             md,
             "| {name} | {} | {:.3} | {:.3} | {mean:+.1} | {lo:+.1} to {hi:+.1} | {} |",
             members.len(),
-            crate::stats::pearson(&p, &f),
-            crate::stats::spearman(&p, &f),
+            stats::pearson(&p, &f),
+            stats::spearman(&p, &f),
             gains.iter().filter(|&&g| g > 0.0).count()
         );
     }
@@ -1033,10 +1033,10 @@ pub fn render(out: &Path, plan: &Plan) -> anyhow::Result<Vec<CorrelationRow>> {
                 .collect()
         })
         .unwrap_or_default();
-    let by_target: Vec<crate::sweep::Correlation> = plan
+    let by_target: Vec<Correlation> = plan
         .correlations
         .iter()
-        .filter(|c| c.group_by == crate::sweep::GroupBy::Target)
+        .filter(|c| c.group_by == GroupBy::Target)
         .cloned()
         .collect();
     let seed_mean = if seeds.len() > 1 && !by_target.is_empty() {

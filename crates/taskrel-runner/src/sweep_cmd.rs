@@ -10,10 +10,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::engine::Engine;
-use crate::results::{self, Store};
+use crate::results::{self, CELLS_CSV, CONFIG_FILE, Store};
 use crate::sweep::{Cell, Plan, ScoreKind, Sweep};
-
-use crate::results::{CELLS_CSV, CONFIG_FILE};
 
 /// Reads and validates a sweep file (with `check_files`, also that the data can supply every
 /// per-class sample it asks for).
@@ -492,8 +490,6 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renders `correlation.csv`, `summary.md` and `plots/` of a results folder from its
-/// `cells.csv`.
 /// `taskrel report`.
 pub fn report(dir: &Path, data_root: &Path) -> anyhow::Result<()> {
     let plan = load_plan(&dir.join(CONFIG_FILE), data_root, false)?;
